@@ -1,0 +1,314 @@
+"""Find, download and strictly load the official LatentSync checkpoints.
+
+The reference loads the U-Net with ``strict=False`` and so silently runs half-random models when
+handed the wrong file. We never do: every key must be present, expected and of the right shape,
+or a :class:`~lipsync.errors.CheckpointError` names the first few offending keys, the counts and
+the likely cause.
+
+Files (per version, in ``lipsync.config.cache_dir()/<version>/``):
+  latentsync_unet.pt   U-Net weights (``{"state_dict": ...}`` or a bare state dict)
+  whisper/tiny.pt      OpenAI Whisper-tiny (``{"dims", "model_state_dict"}``)
+and ``cache_dir()/sd-vae-ft-mse/`` holds the diffusers VAE (config.json + safetensors).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lipsync.config import (
+    UNET_FILE,
+    VAE_FILES,
+    VAE_REPO,
+    WHISPER_FILE,
+    Preset,
+    cache_dir,
+    get_preset,
+)
+from lipsync.errors import CheckpointError, CheckpointNotFoundError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_SHOW = 5  # keys named in an error message
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a ``.safetensors`` or pickle-free ``.pt`` file onto the CPU, memory-mapped if possible.
+
+    Returns the top-level mapping as stored (wrappers such as ``{"state_dict": ...}`` included).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"expected a checkpoint file, got a directory: {path}")
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path} as safetensors: {e}") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zip" not in str(e):
+            raise CheckpointError(f"cannot read {path}: {_first_line(e)}") from e
+        try:  # legacy (non-zip) torch files cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e2:  # noqa: BLE001 - any failure here means "not a checkpoint"
+            raise CheckpointError(f"cannot read {path}: {_first_line(e2)}") from e2
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(
+            f"cannot read {path} as a PyTorch checkpoint ({_first_line(e)}); only weights-only "
+            "files (tensors and plain containers) are accepted"
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return dict(obj)
+
+
+def unwrap_state_dict(obj: Mapping[str, Any], path: str | os.PathLike = "") -> dict[str, Any]:
+    """Accept ``{"state_dict": {...}}`` (training checkpoints) or a bare ``{name: tensor}``."""
+    inner = obj.get("state_dict") if isinstance(obj.get("state_dict"), Mapping) else obj
+    state = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError(f"{path or 'checkpoint'} contains no tensors")
+    return state
+
+
+def guess_checkpoint_kind(keys: Iterable[str], top_level: Iterable[str] = ()) -> str | None:
+    """Name the model a state dict most likely belongs to (for error messages)."""
+    keys = list(keys)
+    top = set(top_level)
+    if "dims" in top or "model_state_dict" in top:
+        return "a Whisper checkpoint (whisper/tiny.pt)"
+    if any(k.startswith(("encoder.blocks.", "decoder.blocks.")) for k in keys):
+        return "a Whisper checkpoint (whisper/tiny.pt)"
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys) or any(
+        k.startswith("quant_conv") for k in keys
+    ):
+        return "a VAE checkpoint (sd-vae-ft-mse)"
+    if any(k.startswith(("audio_encoder.", "visual_encoder.")) for k in keys):
+        return "a SyncNet checkpoint (stable_syncnet.pt)"
+    if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys):
+        return "a U-Net checkpoint"
+    return None
+
+
+def check_state_dict(
+    expected: Mapping[str, torch.Size | tuple[int, ...]],
+    state: Mapping[str, torch.Tensor],
+    what: str,
+    path: str | os.PathLike = "",
+    top_level: Iterable[str] = (),
+) -> None:
+    """Raise a CheckpointError unless ``state`` has exactly the expected keys and shapes."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        (k, tuple(state[k].shape), tuple(expected[k]))
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k])
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:_SHOW])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:_SHOW])})")
+    if mismatched:
+        shown = ", ".join(f"{k}: file {list(a)} vs model {list(b)}" for k, a, b in mismatched[:3])
+        parts.append(f"{len(mismatched)} keys of the wrong shape ({shown})")
+    cause = _likely_cause(what, expected, state, missing, unexpected, top_level)
+    source = f" {path}" if path else ""
+    raise CheckpointError(
+        f"checkpoint{source} does not fit the {what} ({len(state)} tensors in the file, "
+        f"{len(expected)} in the model): {'; '.join(parts)}. Likely cause: {cause}"
+    )
+
+
+def _likely_cause(what, expected, state, missing, unexpected, top_level) -> str:
+    kind = guess_checkpoint_kind(state.keys(), top_level)
+    if kind and "U-Net" not in kind and "U-Net" in what:
+        return f"this is {kind}, not a U-Net: pass the file for the right model"
+    if kind and "Whisper" in what and "Whisper" not in kind:
+        return f"this is {kind}, not a Whisper encoder"
+    if missing and all(".motion_modules." in k for k in missing):
+        return (
+            "the file has no (or fewer) motion-module weights: a stage-1 or 'efficient' checkpoint "
+            "used with a stage-2 config, or the wrong model version"
+        )
+    if unexpected and all(".motion_modules." in k for k in unexpected):
+        return (
+            "the file has motion modules the config lacks: a stage-2 checkpoint used with a "
+            "stage-1/efficient config, or the wrong model version"
+        )
+    if len(missing) > len(expected) // 2:
+        return "a file for a different model or a different model version"
+    return "a different model version or a truncated/edited file"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _convert(state: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
+    """Move floating tensors to ``dtype``/``device`` one at a time, dropping the originals."""
+    out = {}
+    for key in list(state):
+        t = state.pop(key)
+        target = dtype if t.is_floating_point() else t.dtype
+        out[key] = t.to(device=device, dtype=target)
+    return out
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_unet(
+    path: str | os.PathLike,
+    config: Mapping[str, Any],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Build the U-Net from ``config`` and load ``path`` strictly, without a second weight copy.
+
+    The model is created on the meta device (no memory), the file is memory-mapped, and each
+    tensor is converted once to the requested dtype and device before being assigned.
+    """
+    from lipsync.models.unet import UNet3D
+
+    raw = read_checkpoint(path)
+    state = unwrap_state_dict(raw, path)
+    with torch.device("meta"):
+        model = UNet3D.from_config(dict(config))
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(expected, state, "U-Net", path, top_level=raw.keys())
+    model.load_state_dict(_convert(state, device, dtype), strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def random_unet(config: Mapping[str, Any], seed: int = 0, device="cpu", dtype=torch.float32):
+    """A U-Net with seeded random weights (the ``tiny`` preset; smoke tests only)."""
+    from lipsync.models.unet import UNet3D
+
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = UNet3D.from_config(dict(config))
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- finding files
+
+
+def version_dir(preset: Preset, root: Path | None = None) -> Path:
+    return (root or cache_dir()) / preset.name
+
+
+def vae_dir(root: Path | None = None) -> Path:
+    return (root or cache_dir()) / "sd-vae-ft-mse"
+
+
+def checkpoint_paths(preset: Preset, root: Path | None = None) -> dict[str, Path]:
+    """Where ``lipsync download`` puts each file of ``preset``."""
+    base = version_dir(preset, root)
+    return {
+        "unet": base / UNET_FILE,
+        "whisper": base / WHISPER_FILE,
+        "vae": vae_dir(root),
+    }
+
+
+def require_checkpoints(preset: Preset, root: Path | None = None) -> dict[str, Path]:
+    """The paths of ``preset``'s files, or one clear error naming the download command."""
+    paths = checkpoint_paths(preset, root)
+    absent = [str(p) for name, p in paths.items() if not _present(name, p)]
+    if absent:
+        where = f" --dir {root}" if root else ""
+        raise CheckpointNotFoundError(
+            f"{preset.name} checkpoints not found ({', '.join(absent)}); "
+            f"run: lipsync download --version {preset.name.lstrip('v')}{where}"
+        )
+    return paths
+
+
+def _present(name: str, path: Path) -> bool:
+    if name == "vae":
+        return all((path / f).is_file() for f in VAE_FILES)
+    return path.is_file()
+
+
+def download(
+    version: str = "1.6",
+    root: Path | None = None,
+    mirror: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Fetch ``version``'s U-Net, Whisper and VAE files into the cache (resumable).
+
+    With ``mirror``, files are copied from a local directory laid out like the Hugging Face repos
+    (``<mirror>/ByteDance/LatentSync-1.6/latentsync_unet.pt``, ``<mirror>/stabilityai/
+    sd-vae-ft-mse/config.json`` …) — for air-gapped machines. Otherwise they come from the Hub
+    through ``huggingface_hub`` (which resumes partial downloads and honours ``HF_HUB_OFFLINE``).
+    """
+    preset = get_preset(version)
+    if preset.hf_repo is None:
+        raise CheckpointError(f"preset {preset.name!r} has random weights; nothing to download")
+    paths = checkpoint_paths(preset, root)
+    # (repo, file in the repo, local folder mirroring the repo): our layout is the repos' layout.
+    jobs = [
+        (preset.hf_repo, UNET_FILE, version_dir(preset, root)),
+        (preset.hf_repo, WHISPER_FILE, version_dir(preset, root)),
+        *[(VAE_REPO, f, paths["vae"]) for f in VAE_FILES],
+    ]
+    for repo, filename, local_dir in jobs:
+        dest = local_dir / filename
+        if dest.is_file():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if mirror is not None:
+            _copy_from_mirror(Path(mirror) / repo / filename, dest)
+        else:
+            _fetch_from_hub(repo, filename, local_dir, progress)
+    return paths
+
+
+def _copy_from_mirror(src: Path, dest: Path) -> None:
+    if not src.is_file():
+        raise CheckpointNotFoundError(f"mirror has no file {src}")
+    tmp = dest.with_name(dest.name + ".part")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def _fetch_from_hub(repo: str, filename: str, local_dir: Path, progress: bool) -> None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    (enable_progress_bars if progress else disable_progress_bars)()
+    try:  # local_dir mode resumes partial downloads (metadata under local_dir/.cache)
+        hf_hub_download(repo_id=repo, filename=filename, local_dir=local_dir)
+    except LocalEntryNotFoundError as e:
+        raise CheckpointNotFoundError(
+            f"cannot download {repo}/{filename}: offline or the Hub is unreachable "
+            f"({_first_line(e)}); connect and run: lipsync download, or copy the files from a "
+            "machine that has them with: lipsync download --from DIR"
+        ) from e
+    except OSError as e:
+        raise CheckpointError(f"download of {repo}/{filename} failed: {_first_line(e)}") from e

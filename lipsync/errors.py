@@ -1,0 +1,33 @@
+"""Typed errors a user can act on.
+
+Every error here reaches the CLI as one line (``error: <message>``) and a non-zero exit code,
+and the job API as an HTTP 4xx. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LipSyncError(Exception):
+    """Base class: a problem the user can fix (bad input, missing file, wrong checkpoint)."""
+
+    exit_code = 2
+
+
+class ConfigError(LipSyncError):
+    """An invalid model config, preset name or option value."""
+
+
+class CheckpointError(LipSyncError):
+    """A checkpoint file cannot be read or does not fit the model it is loaded into."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """A checkpoint is not on disk (and could not be downloaded)."""
+
+
+class MediaError(LipSyncError):
+    """An input media file is unreadable, of the wrong kind, or out of bounds."""
+
+
+class AudioError(MediaError):
+    """An audio input is unreadable or unusable."""

@@ -1,0 +1,24 @@
+"""Diffusion schedulers (diffusers), configured like the reference.
+
+``make_scheduler("ddim")`` is the reference sampler (``shared/reference/scheduler_config.json``:
+scaled-linear betas 0.00085 → 0.012, 1000 training steps, steps_offset 1, epsilon prediction).
+"""
+
+from __future__ import annotations
+
+from lipsync.config import load_packaged_config
+from lipsync.errors import ConfigError
+
+SCHEDULERS = ("ddim", "dpm++")
+
+
+def make_scheduler(name: str = "ddim"):
+    """A fresh scheduler instance (schedulers are stateful: one per concurrent run)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    config = load_packaged_config("scheduler_config.json")
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    raise ConfigError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")

@@ -1,0 +1,201 @@
+"""The two transformers of the LatentSync U-Net.
+
+- ``SpatialTransformer`` (checkpoint name ``attentions.N``): per frame, self-attention over the
+  h×w positions, then cross-attention to that frame's 50 audio tokens, then a GEGLU feed-forward.
+- ``MotionModule`` (checkpoint name ``motion_modules.N``): per spatial position, self-attention
+  over the frames of a clip with a sinusoidal frame-position encoding (AnimateDiff's "Vanilla"
+  temporal module).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lipsync.models.layers import Attention, FeedForward, batch_to_frames, frames_to_batch
+
+
+class SpatialTransformerBlock(nn.Module):
+    """norm1 → self-attn, norm2 → audio cross-attn (optional), norm3 → feed-forward; all residual."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head)
+        if context_dim is not None:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = Attention(dim, heads, dim_head, context_dim=context_dim)
+        else:
+            self.attn2 = None
+        self.ff = FeedForward(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        # x: (b*f, h*w, dim); context: (b*f, 50, context_dim) or None -> (b*f, h*w, dim)
+        x = x + self.attn1(self.norm1(x))
+        if self.attn2 is not None and context is not None:
+            x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm → 1×1 conv in → transformer block(s) → 1×1 conv out, plus the input (per frame)."""
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        groups: int,
+        context_dim: int | None,
+        num_layers: int = 1,
+    ):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+        self.proj_in = nn.Conv2d(channels, channels, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList(
+            SpatialTransformerBlock(channels, heads, channels // heads, context_dim)
+            for _ in range(num_layers)
+        )
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        # x: (b, c, f, h, w); context: (b*f, 50, context_dim) or None -> (b, c, f, h, w)
+        b, c, frames, h, w = x.shape
+        residual = frames_to_batch(x)  # (b*f, c, h, w)
+        y = self.proj_in(self.norm(residual))
+        y = y.permute(0, 2, 3, 1).reshape(b * frames, h * w, c)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        y = y.reshape(b * frames, h, w, c).permute(0, 3, 1, 2)
+        y = self.proj_out(y) + residual
+        return batch_to_frames(y, frames)
+
+
+def sinusoidal_positions(max_len: int, dim: int) -> torch.Tensor:
+    """(1, max_len, dim) table: sin on even channels, cos on odd ones (Transformer-style)."""
+    position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(1, max_len, dim)
+    pe[0, :, 0::2] = torch.sin(position * div_term)
+    pe[0, :, 1::2] = torch.cos(position * div_term)
+    return pe
+
+
+class PositionalEncoding(nn.Module):
+    """Adds a learned-shape, fixed-value frame-position table (``pos_encoder.pe``, in checkpoints)."""
+
+    def __init__(self, dim: int, max_len: int):
+        super().__init__()
+        self.register_buffer("pe", sinusoidal_positions(max_len, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (n, f, dim) -> (n, f, dim)
+        return x + self.pe[:, : x.shape[1]].to(x.dtype)
+
+
+class TemporalAttention(Attention):
+    """Self-attention across the frames of each spatial position, with optional position encoding."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, position_encoding_max_len: int | None):
+        super().__init__(dim, heads, dim_head)
+        self.pos_encoder = (
+            PositionalEncoding(dim, position_encoding_max_len)
+            if position_encoding_max_len is not None
+            else None
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (b*h*w, f, dim) -> (b*h*w, f, dim)
+        if self.pos_encoder is not None:
+            x = self.pos_encoder(x)
+        return super().forward(x)
+
+
+class TemporalTransformerBlock(nn.Module):
+    """Pre-norm temporal self-attention blocks (``attention_blocks``/``norms``), then ``ff``."""
+
+    def __init__(self, dim: int, heads: int, num_attention_blocks: int, pe_max_len: int | None):
+        super().__init__()
+        self.attention_blocks = nn.ModuleList(
+            TemporalAttention(dim, heads, dim // heads, pe_max_len)
+            for _ in range(num_attention_blocks)
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_attention_blocks))
+        self.ff = FeedForward(dim)
+        self.ff_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (b*h*w, f, dim) -> (b*h*w, f, dim)
+        for attention, norm in zip(self.attention_blocks, self.norms, strict=True):
+            x = x + attention(norm(x))
+        return x + self.ff(self.ff_norm(x))
+
+
+class TemporalTransformer(nn.Module):
+    """Per-frame GroupNorm → linear in → temporal blocks → linear out, plus the input."""
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        num_layers: int,
+        num_attention_blocks: int,
+        pe_max_len: int | None,
+        groups: int = 32,
+    ):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            TemporalTransformerBlock(channels, heads, num_attention_blocks, pe_max_len)
+            for _ in range(num_layers)
+        )
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (b, c, f, h, w) -> (b, c, f, h, w)
+        b, c, frames, h, w = x.shape
+        normed = self.norm(frames_to_batch(x))  # per-frame statistics: (b*f, c, h, w)
+        # one sequence over the frames for every (clip, position): (b*h*w, f, c)
+        y = normed.reshape(b, frames, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, frames, c)
+        y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y)
+        y = self.proj_out(y)
+        y = y.reshape(b, h, w, frames, c).permute(0, 4, 3, 1, 2)  # (b, c, f, h, w)
+        return x + y
+
+
+class MotionModule(nn.Module):
+    """AnimateDiff "Vanilla" temporal module: a wrapper named ``temporal_transformer``."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_attention_heads: int = 8,
+        num_transformer_block: int = 1,
+        attention_block_types: tuple[str, ...] = ("Temporal_Self", "Temporal_Self"),
+        temporal_position_encoding: bool = True,
+        temporal_position_encoding_max_len: int = 24,
+        temporal_attention_dim_div: int = 1,
+        groups: int = 32,
+    ):
+        super().__init__()
+        if any(kind != "Temporal_Self" for kind in attention_block_types):
+            raise ValueError(f"unsupported motion attention blocks {attention_block_types}")
+        if temporal_attention_dim_div != 1:
+            raise ValueError("temporal_attention_dim_div other than 1 is not supported")
+        self.temporal_transformer = TemporalTransformer(
+            channels,
+            num_attention_heads,
+            num_transformer_block,
+            len(attention_block_types),
+            temporal_position_encoding_max_len if temporal_position_encoding else None,
+            groups,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (b, c, f, h, w) -> (b, c, f, h, w)
+        return self.temporal_transformer(x)

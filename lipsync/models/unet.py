@@ -1,0 +1,383 @@
+"""LatentSync's 3D U-Net (AnimateDiff-style), state-dict compatible with the official checkpoints.
+
+Inputs per call:
+  sample                 (b, 13, f, h, w)  4 noisy latent + 1 mask + 4 masked-face + 4 reference latents
+  timestep               scalar or (b,)     DDPM timestep (0..999)
+  encoder_hidden_states  (b*f, 50, 384)     per-frame audio tokens (also accepted as (b, f, 50, 384))
+Output: predicted noise (b, 4, f, h, w).
+
+The module tree mirrors the reference so ``load_state_dict(strict=True)`` works on the official
+files: ``conv_in``, ``time_embedding``, ``down_blocks.i.{resnets,attentions,motion_modules,
+downsamplers}``, ``mid_block``, ``up_blocks.i.{…,upsamplers}``, ``conv_norm_out``, ``conv_out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipsync.errors import ConfigError
+from lipsync.models.layers import (
+    Downsample3D,
+    InflatedConv3d,
+    ResnetBlock3D,
+    TimestepEmbedding,
+    Upsample3D,
+    timestep_embedding,
+)
+from lipsync.models.transformer import MotionModule, SpatialTransformer
+
+DOWN_BLOCKS = ("CrossAttnDownBlock3D", "DownBlock3D")
+UP_BLOCKS = ("CrossAttnUpBlock3D", "UpBlock3D")
+
+# Keys of the reference config that do not change the network we build (or only its defaults).
+_IGNORED_KEYS = {"sample_size", "act_fn", "_class_name", "_diffusers_version"}
+
+
+@dataclass(frozen=True)
+class MotionModuleConfig:
+    num_attention_heads: int = 8
+    num_transformer_block: int = 1
+    attention_block_types: tuple[str, ...] = ("Temporal_Self", "Temporal_Self")
+    temporal_position_encoding: bool = True
+    temporal_position_encoding_max_len: int = 24
+    temporal_attention_dim_div: int = 1
+    zero_initialize: bool = True  # training-time init only; loaded weights override it
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The reference ``UNet3DConditionModel`` config (``shared/reference/unet_*_config.json``)."""
+
+    in_channels: int = 13
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock3D",
+        "CrossAttnDownBlock3D",
+        "CrossAttnDownBlock3D",
+        "DownBlock3D",
+    )
+    up_block_types: tuple[str, ...] = (
+        "UpBlock3D",
+        "CrossAttnUpBlock3D",
+        "CrossAttnUpBlock3D",
+        "CrossAttnUpBlock3D",
+    )
+    mid_block_type: str = "UNetMidBlock3DCrossAttn"
+    layers_per_block: int = 2
+    attention_head_dim: int = 8  # the reference uses this as the number of heads
+    cross_attention_dim: int = 384
+    add_audio_layer: bool = True
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    center_input_sample: bool = False
+    resnet_time_scale_shift: str = "default"
+    use_motion_module: bool = True
+    motion_module_resolutions: tuple[int, ...] = (1, 2, 4, 8)
+    motion_module_mid_block: bool = False
+    motion_module_decoder_only: bool = False
+    motion_module_type: str = "Vanilla"
+    motion_module_kwargs: MotionModuleConfig = field(default_factory=MotionModuleConfig)
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> UNetConfig:
+        """Build from a reference-style dict; unknown or unsupported settings are a ConfigError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - names - _IGNORED_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown U-Net config keys: {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for key, value in cfg.items():
+            if key not in names:
+                continue
+            if key == "motion_module_kwargs":
+                mm_names = {f.name for f in dataclasses.fields(MotionModuleConfig)}
+                bad = sorted(set(value) - mm_names)
+                if bad:
+                    raise ConfigError(f"unknown motion_module_kwargs keys: {', '.join(bad)}")
+                value = MotionModuleConfig(
+                    **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+                )
+            elif isinstance(value, list):
+                value = tuple(value)
+            values[key] = value
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ConfigError("down/up block types must have one entry per block_out_channels")
+        for kind in self.down_block_types:
+            if kind not in DOWN_BLOCKS:
+                raise ConfigError(f"unsupported down block type {kind!r}")
+        for kind in self.up_block_types:
+            if kind not in UP_BLOCKS:
+                raise ConfigError(f"unsupported up block type {kind!r}")
+        if self.mid_block_type != "UNetMidBlock3DCrossAttn":
+            raise ConfigError(f"unsupported mid block type {self.mid_block_type!r}")
+        if self.resnet_time_scale_shift != "default":
+            raise ConfigError("only resnet_time_scale_shift='default' is supported")
+        if self.use_motion_module and self.motion_module_type != "Vanilla":
+            raise ConfigError(f"unsupported motion module type {self.motion_module_type!r}")
+        for ch in self.block_out_channels:
+            if ch % self.norm_num_groups or ch % self.attention_head_dim:
+                raise ConfigError(
+                    f"channels {ch} not divisible by norm_num_groups {self.norm_num_groups} "
+                    f"and attention_head_dim {self.attention_head_dim}"
+                )
+
+    def motion_module_at(self, resolution: int, decoder: bool) -> bool:
+        """Whether the block at downsampling factor ``resolution`` has motion modules."""
+        if not self.use_motion_module or resolution not in self.motion_module_resolutions:
+            return False
+        return decoder or not self.motion_module_decoder_only
+
+
+def _motion_module(channels: int, config: UNetConfig) -> MotionModule:
+    kw = config.motion_module_kwargs
+    return MotionModule(
+        channels,
+        num_attention_heads=kw.num_attention_heads,
+        num_transformer_block=kw.num_transformer_block,
+        attention_block_types=kw.attention_block_types,
+        temporal_position_encoding=kw.temporal_position_encoding,
+        temporal_position_encoding_max_len=kw.temporal_position_encoding_max_len,
+        temporal_attention_dim_div=kw.temporal_attention_dim_div,
+    )
+
+
+class UNetBlock(nn.Module):
+    """One resolution level: ``resnets[i]`` → ``attentions[i]`` → ``motion_modules[i]`` per layer.
+
+    Used for down blocks (optionally followed by ``downsamplers``) and up blocks (each layer first
+    concatenates a skip connection; optionally followed by ``upsamplers``).
+    """
+
+    def __init__(
+        self,
+        resnet_in: list[int],
+        out_channels: int,
+        config: UNetConfig,
+        cross_attention: bool,
+        motion: bool,
+        downsample: bool = False,
+        upsample: bool = False,
+    ):
+        super().__init__()
+        temb = config.block_out_channels[0] * 4
+        context_dim = config.cross_attention_dim if config.add_audio_layer else None
+        self.resnets = nn.ModuleList(
+            ResnetBlock3D(c, out_channels, temb, config.norm_num_groups, config.norm_eps)
+            for c in resnet_in
+        )
+        self.attentions = (
+            nn.ModuleList(
+                SpatialTransformer(
+                    out_channels, config.attention_head_dim, config.norm_num_groups, context_dim
+                )
+                for _ in resnet_in
+            )
+            if cross_attention
+            else None
+        )
+        self.motion_modules = (
+            nn.ModuleList(_motion_module(out_channels, config) for _ in resnet_in)
+            if motion
+            else None
+        )
+        self.downsamplers = (
+            nn.ModuleList([Downsample3D(out_channels, config.downsample_padding)])
+            if downsample
+            else None
+        )
+        self.upsamplers = nn.ModuleList([Upsample3D(out_channels)]) if upsample else None
+
+    def layer(self, i: int, x: torch.Tensor, temb: torch.Tensor, context) -> torch.Tensor:
+        # x: (b, c, f, h, w) -> (b, out_channels, f, h, w)
+        x = self.resnets[i](x, temb)
+        if self.attentions is not None:
+            x = self.attentions[i](x, context)
+        if self.motion_modules is not None:
+            x = self.motion_modules[i](x)
+        return x
+
+    def down(self, x: torch.Tensor, temb: torch.Tensor, context) -> tuple[torch.Tensor, list]:
+        # x: (b, c, f, h, w) -> (b, c', f, h', w') and the skip tensors for the decoder
+        skips = []
+        for i in range(len(self.resnets)):
+            x = self.layer(i, x, temb, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+    def up(self, x: torch.Tensor, skips: list, temb: torch.Tensor, context, size=None):
+        # x: (b, c, f, h, w); skips consumed from the end -> (b, c', f, 2h, 2w)
+        for i in range(len(self.resnets)):
+            x = torch.cat([x, skips.pop()], dim=1)
+            x = self.layer(i, x, temb, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, size)
+        return x
+
+
+class MidBlock(nn.Module):
+    """resnet → (attention → [motion] → resnet); checkpoint name ``mid_block``."""
+
+    def __init__(self, channels: int, config: UNetConfig):
+        super().__init__()
+        temb = config.block_out_channels[0] * 4
+        context_dim = config.cross_attention_dim if config.add_audio_layer else None
+        scale = config.mid_block_scale_factor
+        groups, eps = config.norm_num_groups, config.norm_eps
+        self.resnets = nn.ModuleList(
+            ResnetBlock3D(channels, channels, temb, groups, eps, scale) for _ in range(2)
+        )
+        self.attentions = nn.ModuleList(
+            [SpatialTransformer(channels, config.attention_head_dim, groups, context_dim)]
+        )
+        self.motion_modules = (
+            nn.ModuleList([_motion_module(channels, config)])
+            if config.use_motion_module and config.motion_module_mid_block
+            else None
+        )
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context) -> torch.Tensor:
+        # x: (b, c, f, h, w) -> (b, c, f, h, w)
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        if self.motion_modules is not None:
+            x = self.motion_modules[0](x)
+        return self.resnets[1](x, temb)
+
+
+class UNet3D(nn.Module):
+    """The LatentSync denoiser. Build with ``UNet3D.from_config(dict)``."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        ch = config.block_out_channels
+        n = len(ch)
+        time_dim = ch[0] * 4
+
+        self.conv_in = InflatedConv3d(config.in_channels, ch[0], kernel_size=3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], time_dim)
+
+        self.down_blocks = nn.ModuleList()
+        out = ch[0]
+        for i, kind in enumerate(config.down_block_types):
+            prev, out = out, ch[i]
+            self.down_blocks.append(
+                UNetBlock(
+                    [prev] + [out] * (config.layers_per_block - 1),
+                    out,
+                    config,
+                    cross_attention=kind == "CrossAttnDownBlock3D",
+                    motion=config.motion_module_at(2**i, decoder=False),
+                    downsample=i < n - 1,
+                )
+            )
+
+        self.mid_block = MidBlock(ch[-1], config)
+
+        self.up_blocks = nn.ModuleList()
+        rev = list(reversed(ch))
+        out = rev[0]
+        for i, kind in enumerate(config.up_block_types):
+            prev, out = out, rev[i]
+            skip_in = rev[min(i + 1, n - 1)]
+            layers = config.layers_per_block + 1
+            # first resnet takes the previous level's output, later ones their own; each also
+            # takes one skip (the last skip of a level comes from the level above).
+            resnet_in = [
+                (prev if j == 0 else out) + (skip_in if j == layers - 1 else out)
+                for j in range(layers)
+            ]
+            self.up_blocks.append(
+                UNetBlock(
+                    resnet_in,
+                    out,
+                    config,
+                    cross_attention=kind == "CrossAttnUpBlock3D",
+                    motion=config.motion_module_at(2 ** (n - 1 - i), decoder=True),
+                    upsample=i < n - 1,
+                )
+            )
+
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
+        self.conv_out = InflatedConv3d(ch[0], config.out_channels, kernel_size=3, padding=1)
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any] | UNetConfig) -> UNet3D:
+        config = cfg if isinstance(cfg, UNetConfig) else UNetConfig.from_dict(cfg)
+        return cls(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # sample: (b, 13, f, h, w); timestep: () or (b,); encoder_hidden_states: (b*f, 50, 384)
+        # -> predicted noise (b, 4, f, h, w)
+        b, _, frames, h, w = sample.shape
+        context = encoder_hidden_states
+        if context is not None and context.dim() == 4:  # (b, f, 50, 384)
+            context = context.reshape(-1, *context.shape[2:])
+        if context is not None and context.shape[0] != b * frames:
+            raise ValueError(
+                f"encoder_hidden_states has {context.shape[0]} rows; expected b*f = {b * frames}"
+            )
+        if context is not None:
+            context = context.to(self.dtype)
+
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)
+        temb = timestep_embedding(
+            t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )
+        temb = self.time_embedding(temb.to(self.dtype))  # (b, 4*c0)
+
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        x = self.conv_in(sample.to(self.dtype))
+
+        skips: list[torch.Tensor] = [x]
+        for block in self.down_blocks:
+            x, block_skips = block.down(x, temb, context)
+            skips.extend(block_skips)
+
+        x = self.mid_block(x, temb, context)
+
+        factor = 2 ** (len(self.up_blocks) - 1)
+        force_size = h % factor != 0 or w % factor != 0
+        for i, block in enumerate(self.up_blocks):
+            level_skips = skips[-len(block.resnets):]
+            del skips[-len(block.resnets):]
+            size = skips[-1].shape[-2:] if (force_size and skips) else None
+            x = block.up(x, level_skips, temb, context, size)
+
+        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return x

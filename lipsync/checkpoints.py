@@ -78,8 +78,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def unwrap_state_dict(obj: Mapping[str, Any], path: str | os.PathLike = "") -> dict[str, Any]:
-    """Accept ``{"state_dict": {...}}`` (training checkpoints) or a bare ``{name: tensor}``."""
-    inner = obj.get("state_dict") if isinstance(obj.get("state_dict"), Mapping) else obj
+    """Accept ``{"state_dict": {...}}`` (training checkpoints), OpenAI's ``{"model_state_dict":
+    {...}}`` or a bare ``{name: tensor}``."""
+    inner = obj
+    for wrapper in ("state_dict", "model_state_dict"):
+        if isinstance(obj.get(wrapper), Mapping):
+            inner = obj[wrapper]
+            break
     state = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise CheckpointError(f"{path or 'checkpoint'} contains no tensors")

@@ -5,7 +5,8 @@ per frame ("inflated"); the ResNet group norms see all frames of a clip at once 
 ``nn.GroupNorm`` on the 5D tensor, so its statistics span frames), the transformer norms see one
 frame at a time.
 
-Parameter names match the official checkpoints (``conv1``, ``time_emb_proj``, ``to_q``, ``ff.net.0.proj``…).
+Parameter names match the official checkpoints (``conv1``, ``time_emb_proj``, ``to_q``,
+``ff.net.0.proj``…).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from lipsync.models.layers import Attention, FeedForward, batch_to_frames, frame
 
 
 class SpatialTransformerBlock(nn.Module):
-    """norm1 → self-attn, norm2 → audio cross-attn (optional), norm3 → feed-forward; all residual."""
+    """norm1 → self-attn, norm2 → audio cross-attn (optional), norm3 → feed-forward (residual)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None):
         super().__init__()
@@ -84,7 +84,7 @@ def sinusoidal_positions(max_len: int, dim: int) -> torch.Tensor:
 
 
 class PositionalEncoding(nn.Module):
-    """Adds a learned-shape, fixed-value frame-position table (``pos_encoder.pe``, in checkpoints)."""
+    """Adds a fixed sinusoidal frame-position table (``pos_encoder.pe``, stored in checkpoints)."""
 
     def __init__(self, dim: int, max_len: int):
         super().__init__()
@@ -96,7 +96,7 @@ class PositionalEncoding(nn.Module):
 
 
 class TemporalAttention(Attention):
-    """Self-attention across the frames of each spatial position, with optional position encoding."""
+    """Self-attention across the frames of each spatial position (optional position encoding)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, position_encoding_max_len: int | None):
         super().__init__(dim, heads, dim_head)

@@ -1,9 +1,9 @@
 """LatentSync's 3D U-Net (AnimateDiff-style), state-dict compatible with the official checkpoints.
 
 Inputs per call:
-  sample                 (b, 13, f, h, w)  4 noisy latent + 1 mask + 4 masked-face + 4 reference latents
-  timestep               scalar or (b,)     DDPM timestep (0..999)
-  encoder_hidden_states  (b*f, 50, 384)     per-frame audio tokens (also accepted as (b, f, 50, 384))
+  sample                 (b, 13, f, h, w)  4 noisy + 1 mask + 4 masked-face + 4 reference latents
+  timestep               scalar or (b,)    DDPM timestep (0..999)
+  encoder_hidden_states  (b*f, 50, 384)    per-frame audio tokens (or (b, f, 50, 384))
 Output: predicted noise (b, 4, f, h, w).
 
 The module tree mirrors the reference so ``load_state_dict(strict=True)`` works on the official
@@ -355,7 +355,9 @@ class UNet3D(nn.Module):
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)
         temb = timestep_embedding(
-            t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
+            t,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
             self.config.freq_shift,
         )
         temb = self.time_embedding(temb.to(self.dtype))  # (b, 4*c0)
@@ -373,9 +375,9 @@ class UNet3D(nn.Module):
 
         factor = 2 ** (len(self.up_blocks) - 1)
         force_size = h % factor != 0 or w % factor != 0
-        for i, block in enumerate(self.up_blocks):
-            level_skips = skips[-len(block.resnets):]
-            del skips[-len(block.resnets):]
+        for block in self.up_blocks:
+            level_skips = skips[-len(block.resnets) :]
+            del skips[-len(block.resnets) :]
             size = skips[-1].shape[-2:] if (force_size and skips) else None
             x = block.up(x, level_skips, temb, context, size)
 

@@ -65,8 +65,9 @@ class Vae(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.autoencoder.parameters()).dtype
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
-               sample: bool = False) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+    ) -> torch.Tensor:
         """images (n, 3, H, W) in [-1, 1] -> latents (n, 4, H/8, W/8), scaled.
 
         ``sample=False`` takes the posterior mean (deterministic); the reference samples.
@@ -95,8 +96,9 @@ def build_autoencoder(config: dict[str, Any]):
     return AutoencoderKL(**{k: v for k, v in config.items() if k in allowed})
 
 
-def random_vae(config: dict[str, Any] | None = None, seed: int = 0, device="cpu",
-               dtype=torch.float32) -> Vae:
+def random_vae(
+    config: dict[str, Any] | None = None, seed: int = 0, device="cpu", dtype=torch.float32
+) -> Vae:
     """A VAE with seeded random weights (``tiny`` preset)."""
     state = torch.random.get_rng_state()
     try:
@@ -117,8 +119,9 @@ def rename_deprecated_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> Vae:
+def load_vae(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Vae:
     """Load the VAE from a folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or
     a single weights file (the sd-vae-ft-mse config is then assumed). Strict: every key must fit.
     """
@@ -128,8 +131,11 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu",
     if path.is_dir():
         config_file = path / "config.json"
         weights = next(
-            (path / n for n in ("diffusion_pytorch_model.safetensors",
-                                "diffusion_pytorch_model.bin") if (path / n).is_file()),
+            (
+                path / n
+                for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+                if (path / n).is_file()
+            ),
             None,
         )
         if weights is None or not config_file.is_file():

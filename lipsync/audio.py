@@ -1,0 +1,381 @@
+"""Audio loading and Whisper-tiny audio features, numerically matching LatentSync.
+
+Pipeline (each step as in LatentSync's ``latentsync/whisper``):
+
+1. :func:`load_audio` decodes any file PyAV/FFmpeg can read, down-mixes to mono and resamples to
+   16 kHz through libswresample, **as signed 16-bit samples**, then scales by 1/32768. The
+   reference pipes ``ffmpeg -f s16le -ac 1 -ar 16000`` output into numpy the same way, so the
+   int16 quantisation is reproduced bit for bit (for a 16 kHz s16 wav the samples are exact).
+2. :func:`log_mel_spectrogram`: STFT (n_fft 400, hop 160, periodic Hann window, centred with
+   reflect padding), the last STFT frame dropped (so ``len(wav) // 160`` mel frames, 100/s),
+   power spectrum, 80 Slaney-normalised mel filters (librosa's defaults, computed here in numpy),
+   ``log10(max(x, 1e-10))``, floor at *global* max - 8 (over the whole clip, not per window),
+   then ``(x + 4) / 4``.
+3. The encoder runs on consecutive 30 s windows of 3000 mel frames; the last one is padded with
+   zeros *in the normalised log-mel domain* (the reference pads the mel, not the audio). Each
+   window yields its input embedding (conv stem + positional embedding) and the 4 residual block
+   outputs, 1500 positions (20 ms each); only the first ``valid_mel_frames // 2`` are kept and the
+   windows are concatenated: ``features`` is ``(T, 5, 384)`` with
+   ``T = sum(valid // 2) == len(wav) // 320`` except when a window holds an odd frame count.
+4. :func:`frame_windows` builds one ``(50, 384)`` conditioning window per video frame.
+
+Frame-window policy (LatentSync ``Audio2Feature.feature2chunks`` / ``get_sliced_feature``):
+
+* Video frame ``i`` at ``fps`` has centre ``c = int(i * 50 / fps)`` (50 feature positions per
+  second; ``c = 2 i`` at 25 fps). Its window holds the 10 positions ``c - 4 .. c + 5`` (the two
+  video frames before, the frame itself and the two after, 2 positions each), each index clamped
+  to ``[0, T - 1]`` (edge positions are repeated), all 5 layers of a position consecutive:
+  token ``j`` = position ``j // 5``, layer ``j % 5``. The span of 2 positions per video frame is
+  hard-coded in the reference whatever the fps (exact only at 25 fps); we keep that.
+* The count: the reference loop appends the window for frame ``i`` *before* testing
+  ``int(i * (50 / fps)) > T`` and stops only once that is true. So it emits every frame whose
+  start index is ``<= T`` plus one more: ``N = 1 + min{i : int(i * 50 / fps) > T}``. For the
+  9.6 s demo clip (T = 480 at 25 fps) frame 240 starts at 480 (not > 480) and frame 241 at 482,
+  hence 242 windows for 240 frames of audio: two past the end, whose positions beyond 479 are
+  clamped to the last one. Callers truncate to the video's frame count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lipsync.errors import AudioError, CheckpointError
+from lipsync.models.whisper import WhisperDims, WhisperEncoder, encoder_state_dict
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+FEATURES_PER_SECOND = 50  # encoder positions per second (conv2 has stride 2: 100 mel frames/s / 2)
+WINDOW_CONTEXT = 2  # video frames of context either side of the current one
+MIN_SAMPLES = 2 * HOP_LENGTH  # shortest clip that yields one feature position (20 ms)
+_MEL_BLOCK_FRAMES = 3000  # STFT computed in blocks of this many frames (bounded memory)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode the first audio stream of ``path`` to mono float32 at ``sample_rate`` Hz.
+
+    Samples pass through 16-bit integers (as LatentSync's ffmpeg ``s16le`` pipe does) and are
+    returned scaled to [-1, 1). Raises :class:`AudioError` for an unreadable file, a file without
+    an audio stream, or one that decodes to no samples.
+    """
+    import av  # lazy: only needed when decoding files
+
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"audio file not found: {path}")
+    if not path.is_file():
+        raise AudioError(f"not an audio file: {path}")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise AudioError(f"cannot read audio from {path}: {_one_line(exc)}") from None
+    chunks: list[np.ndarray] = []
+    try:
+        with container:
+            if not container.streams.audio:
+                raise AudioError(f"no audio stream in {path}")
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):  # flush the resampler's delay line
+                chunks.append(out.to_ndarray().reshape(-1))
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise AudioError(f"cannot decode audio from {path}: {_one_line(exc)}") from None
+    if not chunks or sum(c.size for c in chunks) == 0:
+        raise AudioError(f"audio stream in {path} is empty")
+    return np.concatenate(chunks).astype(np.float32) / np.float32(32768.0)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc)  # FFmpeg errors: drop errno and path
+    return " ".join(str(text).split()) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# log-mel spectrogram
+
+
+def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+    """Slaney mel scale (librosa ``htk=False``): linear below 1 kHz, logarithmic above."""
+    f = np.asarray(f, dtype=np.float64)
+    f_sp = 200.0 / 3.0
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = math.log(6.4) / 27.0
+    mel = f / f_sp
+    log_part = min_log_mel + np.log(np.maximum(f, min_log_hz) / min_log_hz) / logstep
+    return np.where(f >= min_log_hz, log_part, mel)
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    m = np.asarray(m, dtype=np.float64)
+    f_sp = 200.0 / 3.0
+    min_log_hz = 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = math.log(6.4) / 27.0
+    hz = f_sp * m
+    log_part = min_log_hz * np.exp(logstep * (m - min_log_mel))
+    return np.where(m >= min_log_mel, log_part, hz)
+
+
+@lru_cache(maxsize=8)
+def mel_filters(sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = 80) -> np.ndarray:
+    """Slaney-style, area-normalised triangular mel filterbank, (n_mels, n_fft // 2 + 1) float32.
+
+    Same as ``librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels)`` (fmin 0,
+    fmax sr/2), which is what Whisper's ``mel_filters.npz`` stores.
+    """
+    fft_freqs = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)
+    mel_pts = np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2.0), n_mels + 2)
+    hz_pts = _mel_to_hz(mel_pts)
+    widths = np.diff(hz_pts)
+    ramps = hz_pts[:, None] - fft_freqs[None, :]
+    lower = -ramps[:-2] / widths[:-1, None]
+    upper = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper)).astype(np.float32)
+    enorm = 2.0 / (hz_pts[2:] - hz_pts[:-2])
+    weights *= enorm[:, None]  # in place: float32 result, like librosa
+    weights.setflags(write=False)
+    return weights
+
+
+def _reflect_padded_slice(wav: torch.Tensor, pad: int, start: int, stop: int) -> torch.Tensor:
+    """``F.pad(wav, (pad, pad), mode="reflect")[start:stop]`` without padding the whole clip."""
+    n = wav.shape[0]
+    lo, hi = start - pad, stop - pad  # in unpadded coordinates
+    parts = []
+    if lo < 0:
+        parts.append(wav[1 : 1 - lo].flip(0) if hi >= 0 else wav[1 - hi : 1 - lo].flip(0))
+    mid = wav[max(lo, 0) : min(hi, n)]
+    if mid.numel():
+        parts.append(mid)
+    if hi > n:
+        a = max(lo, n)  # first padded index past the end, in unpadded coordinates
+        # index n - 1 + j maps to wav[n - 1 - j]
+        parts.append(wav[2 * n - 1 - hi : 2 * n - 1 - a].flip(0))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def log_mel_spectrogram(wav: torch.Tensor | np.ndarray, n_mels: int = 80) -> torch.Tensor:
+    """Whisper's normalised log-mel spectrogram of a 16 kHz mono clip: (n_mels, len(wav) // 160).
+
+    Computed block by block (STFT frames are independent), so memory stays bounded apart from
+    the (small) result itself.
+    """
+    wav = torch.as_tensor(wav, dtype=torch.float32).reshape(-1).cpu()
+    n = wav.shape[0]
+    if n <= N_FFT // 2:
+        raise AudioError(f"audio too short: {n} samples (need at least {MIN_SAMPLES} at 16 kHz)")
+    n_frames = n // HOP_LENGTH  # torch.stft(center=True) gives n // hop + 1; the last is dropped
+    window = torch.hann_window(N_FFT)
+    filters = torch.from_numpy(np.array(mel_filters(SAMPLE_RATE, N_FFT, n_mels)))
+    pad = N_FFT // 2
+    log_spec = torch.empty(n_mels, n_frames, dtype=torch.float32)
+    for f0 in range(0, n_frames, _MEL_BLOCK_FRAMES):
+        f1 = min(f0 + _MEL_BLOCK_FRAMES, n_frames)
+        seg = _reflect_padded_slice(wav, pad, f0 * HOP_LENGTH, (f1 - 1) * HOP_LENGTH + N_FFT)
+        spec = torch.stft(seg, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
+        power = spec.abs() ** 2  # (n_fft/2+1, f1-f0)
+        log_spec[:, f0:f1] = torch.clamp(filters @ power, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+# --------------------------------------------------------------------------------------------
+# per-video-frame windows
+
+
+def _check_fps(fps: float) -> float:
+    fps = float(fps)
+    if not math.isfinite(fps) or fps <= 0:
+        raise ValueError(f"fps must be a positive number, got {fps}")
+    return fps
+
+
+def num_frame_windows(num_features: int, fps: float = 25) -> int:
+    """How many windows LatentSync emits for ``num_features`` positions (see module docstring)."""
+    fps = _check_fps(fps)
+    step = FEATURES_PER_SECOND / fps  # the reference's ``whisper_idx_multiplier``
+    # smallest i with int(i * step) > num_features, found from an estimate and corrected exactly
+    i = max(0, int((num_features + 1) / step) - 2)
+    while int(i * step) <= num_features:
+        i += 1
+    while i > 0 and int((i - 1) * step) > num_features:
+        i -= 1
+    return i + 1
+
+
+def frame_window_indices(
+    num_features: int, fps: float = 25, start: int = 0, stop: int | None = None
+) -> torch.Tensor:
+    """Feature positions of windows ``start..stop-1``: (n, 10) int64, already clamped."""
+    fps = _check_fps(fps)
+    if num_features < 1:
+        raise AudioError("no audio features to build frame windows from")
+    total = num_frame_windows(num_features, fps)
+    stop = total if stop is None else min(stop, total)
+    start = max(0, start)
+    frames = range(start, max(start, stop))
+    centers = torch.tensor(
+        [int(i * FEATURES_PER_SECOND / fps) for i in frames], dtype=torch.int64
+    ).reshape(-1, 1)
+    # The reference hard-codes 2 positions per video frame (exact at 25 fps) whatever the fps.
+    offsets = torch.arange(-2 * WINDOW_CONTEXT, 2 * (WINDOW_CONTEXT + 1), dtype=torch.int64)
+    return (centers + offsets).clamp_(0, num_features - 1)
+
+
+def frame_windows(
+    features: torch.Tensor, fps: float = 25, *, start: int = 0, stop: int | None = None
+) -> torch.Tensor:
+    """Per-video-frame conditioning windows: (T, L, C) features -> (N, 10 * L, C).
+
+    ``start``/``stop`` select a range of windows (to build them batch by batch on long clips);
+    by default all ``num_frame_windows(T, fps)`` windows are returned.
+    """
+    if features.ndim != 3:
+        raise ValueError(f"expected features of shape (T, layers, channels), got {features.shape}")
+    t, layers, channels = features.shape
+    idx = frame_window_indices(t, fps, start, stop).to(features.device)
+    return features[idx].reshape(idx.shape[0], idx.shape[1] * layers, channels)
+
+
+# --------------------------------------------------------------------------------------------
+# the encoder
+
+
+class AudioEncoder:
+    """Whisper-tiny feature extractor: waveform -> (T, 5, 384) -> per-frame (N, 50, 384)."""
+
+    def __init__(
+        self,
+        encoder: WhisperEncoder,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.encoder = encoder.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self.dims = encoder.dims
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> AudioEncoder:
+        """Load an OpenAI Whisper checkpoint (``{"dims", "model_state_dict"}``, e.g. ``tiny.pt``).
+
+        Only ``encoder.*`` weights are used; they must match exactly (see
+        :func:`lipsync.models.whisper.encoder_state_dict`).
+        """
+        from lipsync.checkpoints import read_checkpoint
+
+        ckpt = read_checkpoint(path)
+        if "dims" not in ckpt or "model_state_dict" not in ckpt:
+            raise CheckpointError(
+                f"{path} is not an OpenAI Whisper checkpoint (expected keys 'dims' and "
+                "'model_state_dict')"
+            )
+        return cls.from_state_dict(ckpt["model_state_dict"], ckpt["dims"], device, dtype)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: dict[str, torch.Tensor],
+        dims: dict | WhisperDims,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> AudioEncoder:
+        if not isinstance(dims, WhisperDims):
+            if not isinstance(dims, dict):
+                raise CheckpointError(f"Whisper dims must be a dict, got {type(dims).__name__}")
+            dims = WhisperDims.from_dict(dims)
+        with torch.device("meta"):
+            encoder = WhisperEncoder(dims)
+        weights = encoder_state_dict(state, encoder)
+        encoder.load_state_dict(weights, strict=True, assign=True)
+        return cls(encoder, device=device, dtype=dtype)
+
+    # ----------------------------------------------------------------------------------------
+
+    def features(self, wav: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Per-20-ms features of a 16 kHz mono float waveform: (T, n_layer + 1, n_state) float32.
+
+        Layer 0 is the encoder input embedding, layers 1.. the residual block outputs. The
+        result lives on the CPU whatever the encoder device.
+        """
+        wav = _as_waveform(wav)
+        mel = log_mel_spectrogram(wav, self.dims.n_mels)  # (n_mels, M)
+        win = 2 * self.dims.n_audio_ctx  # mel frames per encoder window (3000)
+        n_mel = mel.shape[1]
+        kept = [min(win, n_mel - s) // 2 for s in range(0, n_mel, win)]
+        total = sum(kept)
+        if total == 0:
+            raise AudioError(
+                f"audio too short: {wav.shape[0]} samples (need at least {MIN_SAMPLES} at 16 kHz)"
+            )
+        n_layers = self.dims.n_audio_layer + 1
+        out = torch.empty(total, n_layers, self.dims.n_audio_state, dtype=torch.float32)
+        pos = 0
+        with torch.inference_mode():
+            for k, s in enumerate(range(0, n_mel, win)):
+                seg = mel[:, s : s + win]
+                seg = F.pad(seg, (0, win - seg.shape[1]))  # zeros in normalised log-mel units
+                seg = seg[None].to(device=self.device, dtype=self.dtype)
+                layers = self.encoder.forward_layers(seg)[0, :, : kept[k]]  # (L, kept, C)
+                out[pos : pos + kept[k]] = layers.transpose(0, 1).float().cpu()
+                pos += kept[k]
+        return out
+
+    def frame_windows(
+        self,
+        features: torch.Tensor,
+        fps: float = 25,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """Per-video-frame windows (N, 50, 384); see :func:`frame_windows`."""
+        return frame_windows(features, fps, start=start, stop=stop)
+
+    def num_windows(self, features: torch.Tensor, fps: float = 25) -> int:
+        return num_frame_windows(features.shape[0], fps)
+
+
+def _as_waveform(wav: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(wav, torch.Tensor):
+        wav = wav.detach().cpu()
+        is_float = wav.is_floating_point()
+    else:
+        wav = np.asarray(wav)
+        is_float = np.issubdtype(wav.dtype, np.floating)
+    if not is_float:
+        raise AudioError(f"expected a float waveform in [-1, 1], got dtype {wav.dtype}")
+    if wav.ndim == 2 and 1 in wav.shape:
+        wav = wav.reshape(-1)
+    if wav.ndim != 1:
+        raise AudioError(f"expected a mono waveform (1-D), got shape {tuple(wav.shape)}")
+    wav = torch.as_tensor(wav, dtype=torch.float32)
+    if wav.shape[0] == 0:
+        raise AudioError("audio is empty (zero samples)")
+    if wav.shape[0] < MIN_SAMPLES:
+        raise AudioError(
+            f"audio too short: {wav.shape[0]} samples (need at least {MIN_SAMPLES} at 16 kHz)"
+        )
+    if not torch.isfinite(wav).all():
+        raise AudioError("audio contains NaN or infinite samples")
+    return wav

@@ -1,0 +1,42 @@
+"""Shared test helpers: where the reference fixtures and demo media live.
+
+The fixtures are required, never skipped: a parity test that silently skips is a defect. They are
+looked up in ``$LIPSYNC_SHARED`` or in ``shared/`` beside the repository checkout (as in CI).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    env = os.environ.get("LIPSYNC_SHARED")
+    candidates = [Path(env)] if env else []
+    candidates += [REPO.parent / "shared", REPO / "shared"]
+    for path in candidates:
+        if (path / "reference").is_dir():
+            return path
+    raise RuntimeError(
+        "reference fixtures not found: set LIPSYNC_SHARED or put shared/ beside the checkout "
+        f"(looked in {', '.join(map(str, candidates))})"
+    )
+
+
+SHARED = shared_dir()
+REFERENCE = SHARED / "reference"
+MEDIA = SHARED / "media"
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def media() -> Path:
+    return MEDIA

@@ -31,3 +31,15 @@ class MediaError(LipSyncError):
 
 class AudioError(MediaError):
     """An audio input is unreadable or unusable."""
+
+
+class VideoError(MediaError):
+    """A video input is unreadable, has no video stream, or is out of bounds (size, duration)."""
+
+
+class NoFaceError(MediaError):
+    """No usable face was found in the whole video."""
+
+
+class OutputPathError(LipSyncError):
+    """The output path is unusable: equal to an input, exists without --force, or unwritable."""

@@ -45,7 +45,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     Returns the top-level mapping as stored (wrappers such as ``{"state_dict": ...}`` included).
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():

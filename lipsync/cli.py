@@ -101,12 +101,13 @@ def check(
     preset: Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5 or tiny.")] = "tiny",
     dir: Annotated[Path | None, typer.Option("--dir", help="Checkpoint cache folder.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Load a preset's models strictly and run one denoising call on synthetic input."""
-    from lipsync.engine import check_preset
+    from lipsync.models.bundle import check_preset
 
-    report = check_preset(preset, root=dir, device=device)
+    report = check_preset(preset, root=dir, device=device, dtype=dtype)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

@@ -127,7 +127,7 @@ def load_vae(
     """
     from lipsync.checkpoints import _convert, check_state_dict, read_checkpoint, unwrap_state_dict
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         config_file = path / "config.json"
         weights = next(

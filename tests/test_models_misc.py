@@ -1,0 +1,172 @@
+"""VAE wrapper, scheduler, the model bundle loader and the ``lipsync check`` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REFERENCE
+from safetensors.torch import save_file
+
+from lipsync.config import Preset
+from lipsync.errors import CheckpointError, ConfigError
+from lipsync.models.bundle import load_models, parse_dtype
+from lipsync.models.scheduler import make_scheduler
+from lipsync.models.vae import (
+    SCALING_FACTOR,
+    SD_VAE_FT_MSE_CONFIG,
+    TINY_VAE_CONFIG,
+    build_autoencoder,
+    load_vae,
+    random_vae,
+)
+
+
+def test_sd_vae_ft_mse_architecture():
+    with torch.device("meta"):
+        model = build_autoencoder(SD_VAE_FT_MSE_CONFIG)
+    assert sum(p.numel() for p in model.parameters()) == 83_653_863
+    assert SCALING_FACTOR == 0.18215
+
+
+def test_vae_encode_is_scaled_posterior_mean_and_decode_inverts_scale():
+    vae = random_vae()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.inference_mode():
+        z = vae.encode(x)
+        mean = vae.autoencoder.encode(x).latent_dist.mean
+        assert z.shape == (2, 4, 8, 8)
+        torch.testing.assert_close(z, mean * SCALING_FACTOR)
+        torch.testing.assert_close(vae.decode(z), vae.autoencoder.decode(mean).sample)
+
+
+def deprecated_names(state):
+    out = {}
+    for k, v in state.items():
+        if ".attentions." in k:
+            k = (
+                k.replace(".to_q.", ".query.")
+                .replace(".to_k.", ".key.")
+                .replace(".to_v.", ".value.")
+                .replace(".to_out.0.", ".proj_attn.")
+            )
+        out[k] = v
+    return out
+
+
+def write_vae_folder(folder, state):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(TINY_VAE_CONFIG))
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def test_load_vae_folder_strict_with_old_attention_names(tmp_path):
+    source = random_vae(seed=3)
+    state = {k: v.contiguous() for k, v in source.autoencoder.state_dict().items()}
+    write_vae_folder(tmp_path / "vae", deprecated_names(state))
+    loaded = load_vae(tmp_path / "vae", dtype=torch.float16)
+    assert next(loaded.autoencoder.parameters()).dtype == torch.float16
+    for k, v in loaded.autoencoder.state_dict().items():
+        assert torch.equal(v, state[k].half()), k
+
+
+def test_load_vae_refuses_partial_files(tmp_path):
+    state = {k: v.contiguous() for k, v in random_vae().autoencoder.state_dict().items()}
+    state.pop("decoder.conv_out.weight")
+    write_vae_folder(tmp_path / "vae", state)
+    with pytest.raises(CheckpointError, match="1 missing keys \\(e.g. decoder.conv_out.weight\\)"):
+        load_vae(tmp_path / "vae")
+
+
+def test_ddim_scheduler_matches_reference_config():
+    sched = make_scheduler("ddim")
+    cfg = json.loads((REFERENCE / "scheduler_config.json").read_text())
+    for key in ("beta_start", "beta_end", "beta_schedule", "steps_offset", "clip_sample"):
+        assert sched.config[key] == cfg[key]
+    sched.set_timesteps(20)
+    assert sched.timesteps.tolist() == list(range(951, 0, -50))
+    with pytest.raises(ConfigError):
+        make_scheduler("euler-ancestral-magic")
+
+
+def test_dpm_scheduler_available_for_fast_modes():
+    sched = make_scheduler("dpm++")
+    sched.set_timesteps(8)
+    assert len(sched.timesteps) == 8
+
+
+def test_parse_dtype():
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("FP16") is torch.float16
+    with pytest.raises(ConfigError):
+        parse_dtype("int4")
+
+
+def test_load_models_reads_a_downloaded_cache_layout(tmp_path):
+    # A preset whose files are laid out exactly as `lipsync download` leaves them.
+    preset = Preset(
+        name="vtest",
+        resolution=128,
+        unet_config_file="unet_tiny_config.json",
+        hf_repo="ByteDance/LatentSync-test",
+    )
+    base = tmp_path / "vtest"
+    (base / "whisper").mkdir(parents=True)
+    from safetensors.torch import load_file
+
+    torch.save(
+        {"state_dict": load_file(str(REFERENCE / "unet_tiny/weights.safetensors"))},
+        base / "latentsync_unet.pt",
+    )
+    shutil.copy(REFERENCE / "whisper_tiny/encoder_random.pt", base / "whisper/tiny.pt")
+    vae_state = {k: v.contiguous() for k, v in random_vae().autoencoder.state_dict().items()}
+    write_vae_folder(tmp_path / "sd-vae-ft-mse", vae_state)
+    bundle = load_models(preset, root=tmp_path, dtype="bf16")
+    assert bundle.unet.dtype == torch.bfloat16
+    assert bundle.vae.dtype == torch.bfloat16
+    assert bundle.audio.dims.n_audio_state == 384
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "lipsync.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def test_cli_check_tiny_json():
+    proc = run_cli("check", "--preset", "tiny", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["unet_output"] == [1, 4, 16, 16, 16]
+    assert report["audio_windows"] == [16, 50, 384]
+    assert report["unet_output_finite"] is True
+
+
+def test_cli_user_errors_are_one_line(tmp_path):
+    import os
+
+    env = dict(os.environ, LIPSYNC_HOME=str(tmp_path))
+    for args, text in [
+        (("check", "--preset", "v9"), "error: unknown preset 'v9'"),
+        (("check", "--preset", "v1.5"), "error: v1.5 checkpoints not found"),
+        (("check", "--dtype", "int3"), "error: unknown dtype 'int3'"),
+    ]:
+        proc = run_cli(*args, env=env)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(lines) == 1 and lines[0].startswith(text), (args, proc.stderr)
+
+
+def test_cli_presets_json(tmp_path):
+    proc = run_cli("presets", "--json", "--dir", str(tmp_path))
+    rows = {row["name"]: row for row in json.loads(proc.stdout)}
+    assert rows["v1.6"]["resolution"] == 512
+    assert rows["v1.6"]["checkpoints"].startswith("missing: lipsync download --version 1.6")
+    assert rows["tiny"]["checkpoints"].startswith("random weights")

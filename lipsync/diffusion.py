@@ -1,0 +1,140 @@
+"""Denoise one chunk of aligned faces: the model part of the pipeline, nothing about media.
+
+Per chunk of f frames (f ≤ 24; 16 by default), as in the reference ``LipsyncPipeline``:
+
+1. masked faces = faces × mask (mask: 1 = keep, 0 = generate); VAE-encode masked faces and the
+   unmasked reference faces → two (1, 4, f, h, w) latents; the mask resized to (h, w).
+2. DDIM from the shared initial noise: U-Net input = [noisy latent, mask, masked, reference]
+   (13 channels). With guidance > 1 the batch holds [all-zero audio, audio] and
+   ``noise = uncond + g · (cond − uncond)``.
+3. VAE-decode, then paste the kept (unmasked) pixels of the input faces back.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lipsync.errors import ConfigError
+from lipsync.models.scheduler import make_scheduler
+from lipsync.models.unet import UNet3D
+from lipsync.models.vae import Vae
+
+MAX_FRAMES = 24  # the motion modules' position table has 24 entries
+
+
+@dataclass(frozen=True)
+class DenoiseOptions:
+    steps: int = 20
+    guidance: float = 1.5
+    scheduler: str = "ddim"
+    eta: float = 0.0
+    # The reference samples the VAE posterior (with the run's generator); the mean is an option.
+    sample_posterior: bool = True
+
+    def validate(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise ConfigError(f"steps must be between 1 and 1000, got {self.steps}")
+        if not 0.0 <= self.guidance <= 20.0:
+            raise ConfigError(f"guidance must be between 0 and 20, got {self.guidance}")
+
+
+def initial_noise(
+    num_frames: int,
+    latent_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """One (1, 4, 1, h, w) draw repeated over all frames, as the reference does -> (1,4,F,h,w)."""
+    draw = torch.randn(
+        (1, 4, 1, latent_size, latent_size), generator=generator, device=device, dtype=dtype
+    )
+    return draw.expand(1, 4, num_frames, latent_size, latent_size)
+
+
+class ChunkDenoiser:
+    """Turns aligned faces + audio windows into faces with a regenerated mouth."""
+
+    def __init__(
+        self,
+        unet: UNet3D,
+        vae: Vae,
+        mask: torch.Tensor,
+        options: DenoiseOptions | None = None,
+    ):
+        self.unet = unet
+        self.vae = vae
+        self.options = options or DenoiseOptions()
+        self.options.validate()
+        self.device = unet.conv_in.weight.device
+        self.dtype = unet.dtype
+        # mask: (r, r), 1 = keep, 0 = generate
+        self.mask = torch.as_tensor(mask, dtype=torch.float32).to(self.device)
+        self.resolution = self.mask.shape[-1]
+
+    def _encode(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        # images (f, 3, r, r) -> latents (1, 4, f, r/8, r/8)
+        z = self.vae.encode(images, generator=generator, sample=self.options.sample_posterior)
+        return z.permute(1, 0, 2, 3)[None].to(self.dtype)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        faces: torch.Tensor,
+        audio: torch.Tensor,
+        noise: torch.Tensor,
+        generator: torch.Generator | None = None,
+        on_step=None,
+    ) -> torch.Tensor:
+        """faces (f, 3, r, r) in [-1, 1]; audio (f, 50, 384); noise (1, 4, f, r/8, r/8)
+        -> faces (f, 3, r, r) in [-1, 1] with the masked region regenerated."""
+        f = faces.shape[0]
+        if not 1 <= f <= MAX_FRAMES:
+            raise ValueError(f"a chunk holds 1..{MAX_FRAMES} frames, got {f}")
+        if audio.shape[0] != f or noise.shape[2] != f:
+            raise ValueError(f"faces ({f}), audio ({audio.shape[0]}) and noise frame counts differ")
+        opts = self.options
+        faces = faces.to(self.device, torch.float32)
+        keep = self.mask[None, None]  # (1, 1, r, r)
+        masked = faces * keep
+        masked_latents = self._encode(masked, generator)
+        ref_latents = self._encode(faces, generator)
+        h = masked_latents.shape[-1]
+        mask_latent = F.interpolate(keep, size=(h, h))  # nearest, like the reference
+        mask_latent = mask_latent[:, :, None].expand(1, 1, f, h, h).to(self.dtype)
+
+        cfg = opts.guidance > 1.0
+        audio = audio.to(self.device, self.dtype)
+        if cfg:
+            audio = torch.cat([torch.zeros_like(audio), audio])  # (2f, 50, 384): uncond first
+        cond = torch.cat([mask_latent, masked_latents, ref_latents], dim=1)
+        if cfg:
+            cond = torch.cat([cond, cond])
+
+        scheduler = make_scheduler(opts.scheduler)
+        scheduler.set_timesteps(opts.steps, device=self.device)
+        step_kwargs = {}
+        step_params = inspect.signature(scheduler.step).parameters
+        if "eta" in step_params:
+            step_kwargs["eta"] = opts.eta
+        if "generator" in step_params:
+            step_kwargs["generator"] = generator
+
+        latents = (noise.to(self.device, self.dtype) * scheduler.init_noise_sigma).contiguous()
+        for i, t in enumerate(scheduler.timesteps):
+            model_in = torch.cat([latents, latents]) if cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            pred = self.unet(torch.cat([model_in, cond], dim=1), t, audio)
+            if cfg:
+                uncond, cond_pred = pred.chunk(2)
+                pred = uncond + opts.guidance * (cond_pred - uncond)
+            latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+            if on_step is not None:
+                on_step(i + 1, len(scheduler.timesteps))
+
+        decoded = self.vae.decode(latents[0].permute(1, 0, 2, 3)).float()  # (f, 3, r, r)
+        return decoded * (1 - keep) + faces * keep

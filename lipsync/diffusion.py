@@ -109,8 +109,9 @@ class ChunkDenoiser:
 
         cfg = opts.guidance > 1.0
         audio = audio.to(self.device, self.dtype)
-        if cfg:
-            audio = torch.cat([torch.zeros_like(audio), audio])  # (2f, 50, 384): uncond first
+        # With CFG the batch is [unconditional, conditional]; the unconditional clip's all-zero
+        # audio is not materialised (the U-Net adds the cross-attention bias instead).
+        null_clips = 1 if cfg else 0
         cond = torch.cat([mask_latent, masked_latents, ref_latents], dim=1)
         if cfg:
             cond = torch.cat([cond, cond])
@@ -128,7 +129,7 @@ class ChunkDenoiser:
         for i, t in enumerate(scheduler.timesteps):
             model_in = torch.cat([latents, latents]) if cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
-            pred = self.unet(torch.cat([model_in, cond], dim=1), t, audio)
+            pred = self.unet(torch.cat([model_in, cond], dim=1), t, audio, null_clips)
             if cfg:
                 uncond, cond_pred = pred.chunk(2)
                 pred = uncond + opts.guidance * (cond_pred - uncond)

@@ -110,7 +110,7 @@ def test_frames_are_coupled_only_through_motion_modules_and_norms(tiny_model, ti
 
 
 def test_wrong_audio_rows_is_a_clear_error(tiny_model, tiny_inputs):
-    with pytest.raises(ValueError, match="b\\*f"):
+    with pytest.raises(ValueError, match="expected \\(b - null_audio_clips\\)\\*f = 16"):
         tiny_model(tiny_inputs["sample"], 1, tiny_inputs["encoder_hidden_states"][:5])
 
 
@@ -134,3 +134,16 @@ def test_config_round_trips(tiny_model):
         }
     )
     assert again == tiny_model.config
+
+
+def test_null_audio_shortcut_equals_computing_zero_audio(tiny_model, tiny_inputs):
+    # The unconditional CFG half: zero audio gives cross-attention output == its bias.
+    s, t, a = (tiny_inputs[k] for k in ("sample", "timestep", "encoder_hidden_states"))
+    full = torch.cat([torch.zeros_like(a[:8]), a[8:]])
+    with torch.inference_mode():
+        reference = tiny_model(s, t, full)
+        shortcut = tiny_model(s, t, a[8:], null_audio_clips=1)
+        all_null = tiny_model(s, t, None, null_audio_clips=2)
+        zeros = tiny_model(s, t, torch.zeros_like(a))
+    torch.testing.assert_close(shortcut, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(all_null, zeros, rtol=0, atol=1e-5)

@@ -10,11 +10,25 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from lipsync.models.layers import Attention, FeedForward, batch_to_frames, frames_to_batch
+
+
+class AudioContext(NamedTuple):
+    """Audio tokens for the cross-attention, with the all-zero rows left out.
+
+    ``null_rows`` leading rows of the (b*f) batch have all-zero audio (the unconditional half of
+    classifier-free guidance). Their keys and values would be 0 (the projections have no bias),
+    so attention returns 0 and the cross-attention output is exactly its output bias: we add the
+    bias instead of computing it. ``tokens`` holds the remaining rows: (b*f - null_rows, 50, C).
+    """
+
+    tokens: torch.Tensor | None
+    null_rows: int = 0
 
 
 class SpatialTransformerBlock(nn.Module):
@@ -32,11 +46,22 @@ class SpatialTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        # x: (b*f, h*w, dim); context: (b*f, 50, context_dim) or None -> (b*f, h*w, dim)
+    def forward(self, x: torch.Tensor, context: AudioContext | None) -> torch.Tensor:
+        # x: (b*f, h*w, dim); context.tokens: (b*f - null_rows, 50, context_dim)
+        # -> (b*f, h*w, dim)
         x = x + self.attn1(self.norm1(x))
         if self.attn2 is not None and context is not None:
-            x = x + self.attn2(self.norm2(x), context)
+            n = context.null_rows
+            if n == 0:
+                x = x + self.attn2(self.norm2(x), context.tokens)
+            else:
+                out = torch.empty_like(x)
+                out[:n] = x[:n] + self.attn2.to_out[0].bias
+                if context.tokens is not None:
+                    out[n:] = x[n:] + self.attn2(self.norm2(x[n:]), context.tokens)
+                else:
+                    out[n:] = x[n:]
+                x = out
         return x + self.ff(self.norm3(x))
 
 
@@ -60,8 +85,8 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        # x: (b, c, f, h, w); context: (b*f, 50, context_dim) or None -> (b, c, f, h, w)
+    def forward(self, x: torch.Tensor, context: AudioContext | None) -> torch.Tensor:
+        # x: (b, c, f, h, w); context: audio tokens for the b*f frames -> (b, c, f, h, w)
         b, c, frames, h, w = x.shape
         residual = frames_to_batch(x)  # (b*f, c, h, w)
         y = self.proj_in(self.norm(residual))

@@ -30,7 +30,7 @@ from lipsync.models.layers import (
     Upsample3D,
     timestep_embedding,
 )
-from lipsync.models.transformer import MotionModule, SpatialTransformer
+from lipsync.models.transformer import AudioContext, MotionModule, SpatialTransformer
 
 DOWN_BLOCKS = ("CrossAttnDownBlock3D", "DownBlock3D")
 UP_BLOCKS = ("CrossAttnUpBlock3D", "UpBlock3D")
@@ -338,19 +338,30 @@ class UNet3D(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor | None,
+        null_audio_clips: int = 0,
     ) -> torch.Tensor:
         # sample: (b, 13, f, h, w); timestep: () or (b,); encoder_hidden_states: (b*f, 50, 384)
         # -> predicted noise (b, 4, f, h, w)
+        # With null_audio_clips = k, the first k clips have all-zero audio and
+        # encoder_hidden_states holds only the other (b-k)*f rows (same result, less work).
         b, _, frames, h, w = sample.shape
-        context = encoder_hidden_states
-        if context is not None and context.dim() == 4:  # (b, f, 50, 384)
-            context = context.reshape(-1, *context.shape[2:])
-        if context is not None and context.shape[0] != b * frames:
+        tokens = encoder_hidden_states
+        if tokens is not None and tokens.dim() == 4:  # (b, f, 50, 384)
+            tokens = tokens.reshape(-1, *tokens.shape[2:])
+        if not 0 <= null_audio_clips <= b:
+            raise ValueError(f"null_audio_clips must be in 0..{b}, got {null_audio_clips}")
+        rows = (b - null_audio_clips) * frames
+        if tokens is not None and tokens.shape[0] != rows:
             raise ValueError(
-                f"encoder_hidden_states has {context.shape[0]} rows; expected b*f = {b * frames}"
+                f"encoder_hidden_states has {tokens.shape[0]} rows; expected "
+                f"(b - null_audio_clips)*f = {rows}"
             )
-        if context is not None:
-            context = context.to(self.dtype)
+        context = None
+        if tokens is not None or null_audio_clips:
+            context = AudioContext(
+                tokens.to(self.dtype) if tokens is not None and rows else None,
+                null_audio_clips * frames,
+            )
 
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)

@@ -1,0 +1,1 @@
+"""Acceleration: compilation, CUDA graphs, caching modes (issue #5)."""

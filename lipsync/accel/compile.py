@@ -1,0 +1,35 @@
+"""``torch.compile`` for the U-Net and VAE.
+
+Regional compilation compiles each repeated block type (ResNet block, spatial transformer,
+motion module, up/down sampler) rather than the whole network: blocks of the same shape share
+one compiled graph, so cold-start compile time drops several-fold for nearly the same speed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lipsync.errors import ConfigError
+from lipsync.models.layers import Downsample3D, ResnetBlock3D, Upsample3D
+from lipsync.models.transformer import MotionModule, SpatialTransformer
+
+REGIONS = (ResnetBlock3D, SpatialTransformer, MotionModule, Downsample3D, Upsample3D)
+MODES = ("none", "regional", "full", "full-cudagraphs")
+
+
+def compile_unet(unet: nn.Module, mode: str = "regional") -> nn.Module:
+    """Compile ``unet`` in place (regional) or wrap it (full). Returns the module to call."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown compile mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if mode == "none":
+        return unet
+    if mode == "regional":
+        # One block class sees a dozen (channels, size) combinations; compile each once.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for module in unet.modules():
+            if isinstance(module, REGIONS):
+                module.compile(dynamic=False)
+        return unet
+    inductor_mode = "reduce-overhead" if mode == "full-cudagraphs" else "default"
+    return torch.compile(unet, mode=inductor_mode, dynamic=False)

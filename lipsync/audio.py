@@ -252,6 +252,49 @@ def frame_windows(
     return features[idx].reshape(idx.shape[0], idx.shape[1] * layers, channels)
 
 
+class LazyFeatures:
+    """(T, layers, channels) Whisper features computed one 30 s window at a time on demand.
+
+    Supports what :func:`frame_windows` needs: ``shape``, ``ndim``, ``device`` and indexing with
+    an integer position tensor (positions of at most a few windows at a time).
+    """
+
+    def __init__(self, encoder: AudioEncoder, mel: torch.Tensor):
+        self.encoder = encoder
+        self.mel = mel
+        win = 2 * encoder.dims.n_audio_ctx
+        n_mel = mel.shape[1]
+        self.kept = [min(win, n_mel - s) // 2 for s in range(0, n_mel, win)]
+        self.starts = np.concatenate([[0], np.cumsum(self.kept)]).astype(np.int64)
+        total = int(self.starts[-1])
+        if total == 0:
+            raise AudioError("audio too short to compute features")
+        self.shape = (total, encoder.dims.n_audio_layer + 1, encoder.dims.n_audio_state)
+        self.ndim = 3
+        self.device = torch.device("cpu")
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _get_window(self, k: int) -> torch.Tensor:
+        if k not in self._cache:
+            while len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[k] = self.encoder._window(self.mel, k, self.kept[k])
+        return self._cache[k]
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+        flat = idx.reshape(-1)
+        window = torch.from_numpy(np.searchsorted(self.starts, flat.numpy(), side="right") - 1)
+        out = torch.empty((flat.numel(), *self.shape[1:]), dtype=torch.float32)
+        for k in torch.unique(window).tolist():
+            sel = window == k
+            out[sel] = self._get_window(k)[flat[sel] - int(self.starts[k])]
+        return out.reshape(*idx.shape, *self.shape[1:])
+
+
 # --------------------------------------------------------------------------------------------
 # the encoder
 
@@ -340,6 +383,24 @@ class AudioEncoder:
                 out[pos : pos + kept[k]] = layers.transpose(0, 1).float().cpu()
                 pos += kept[k]
         return out
+
+    def lazy_features(self, wav: np.ndarray | torch.Tensor) -> LazyFeatures:
+        """Like :meth:`features`, but each 30 s encoder window is computed when first indexed
+        (and only the two most recent are kept): bounded memory for hours of audio. The values
+        are identical to :meth:`features`."""
+        wav = _as_waveform(wav)
+        mel = log_mel_spectrogram(wav, self.dims.n_mels)  # (n_mels, M): 32 KB per second
+        return LazyFeatures(self, mel)
+
+    def _window(self, mel: torch.Tensor, k: int, kept: int) -> torch.Tensor:
+        """Features of encoder window ``k``: (kept, n_layer + 1, n_state) float32 on the CPU."""
+        win = 2 * self.dims.n_audio_ctx
+        seg = mel[:, k * win : (k + 1) * win]
+        seg = F.pad(seg, (0, win - seg.shape[1]))  # zeros in normalised log-mel units
+        seg = seg[None].to(device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            layers = self.encoder.forward_layers(seg)[0, :, :kept]  # (L, kept, C)
+        return layers.transpose(0, 1).float().cpu()
 
     def frame_windows(
         self,

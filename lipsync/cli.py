@@ -28,6 +28,157 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+class RichProgress:
+    """Per-stage progress bars (frames/s and ETA) on stderr; silent when not a terminal."""
+
+    def __init__(self, enabled: bool = True):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bars = Progress(
+            TextColumn("{task.description:>10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._bars.stop()
+
+    def start(self, stage: str, total: int) -> None:
+        self._tasks[stage] = self._bars.add_task(stage, total=total, rate="")
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        task_id = self._tasks[stage]
+        self._bars.advance(task_id, n)
+        task = self._bars.tasks[task_id]
+        speed = task.finished_speed or task.speed
+        self._bars.update(task_id, rate=f"{speed:5.1f} frames/s" if speed else "")
+
+    def finish(self, stage: str) -> None:
+        task_id = self._tasks[stage]
+        task = self._bars.tasks[task_id]
+        self._bars.update(task_id, completed=task.total)
+
+
+@app.command()
+def run(
+    video: Annotated[Path, typer.Argument(help="Talking-head video (mp4, mov, mkv, webm).")],
+    audio: Annotated[
+        Path, typer.Argument(help="New audio (wav, mp3, m4a, flac) or a video with audio.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output video (.mp4).")],
+    preset: Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5 or tiny.")] = "v1.6",
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.5,
+    seed: Annotated[
+        int, typer.Option(help="Random seed (same seed, device, dtype: same output).")
+    ] = 1247,
+    device: Annotated[
+        str | None, typer.Option(help="cuda or cpu (default: cuda if present).")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="fp16, bf16 or fp32 (default: fp16 on cuda, fp32 on cpu).")
+    ] = None,
+    mask: Annotated[
+        Path | None, typer.Option(help="Inpainting mask PNG (black = generate).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    dir: Annotated[Path | None, typer.Option("--dir", help="Checkpoint cache folder.")] = None,
+    crf: Annotated[float, typer.Option(help="H.264 quality (lower = better, 0-51).")] = 18,
+    min_face_size: Annotated[
+        int, typer.Option(help="Faces smaller than this (px) are left unchanged.")
+    ] = 64,
+    loop: Annotated[
+        bool, typer.Option(help="Loop the video ping-pong when the audio is longer.")
+    ] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Lip-sync VIDEO to AUDIO and write the result to --output."""
+    from lipsync.api import LipSync
+    from lipsync.pipeline import RunOptions
+
+    options = RunOptions(
+        steps=steps, guidance=guidance, seed=seed, mask_path=str(mask) if mask else None,
+        force=force, crf=crf, min_face_size=min_face_size, loop_video=loop,
+    )  # fmt: skip
+    options.validate()
+    with console.status(f"loading {preset} models", spinner="dots") if not quiet else _null():
+        ls = LipSync.from_pretrained(preset, device=device, dtype=dtype, checkpoint_dir=dir)
+    with RichProgress(enabled=not quiet and not as_json) as progress:
+        report = ls.run(video, audio, output, progress=progress, **_as_kwargs(options))
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    _print_summary(report)
+
+
+def _as_kwargs(options) -> dict:
+    from dataclasses import asdict
+
+    return asdict(options)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _print_summary(report) -> None:
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
+    console.print(
+        f"[green]wrote[/green] {report.output}: {report.frames} frames "
+        f"({report.frames_without_face} without a usable face"
+        + (f", {report.frames_face_too_small} too small" if report.frames_face_too_small else "")
+        + f"), {report.fps:.2f} frames/s end to end",
+        highlight=False,
+    )
+    console.print(f"stages: {stages}", highlight=False)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+
+
+@app.command("app")
+def web_app(
+    preset: Annotated[str, typer.Option("--preset", "-p", help="Default preset.")] = "v1.6",
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 7860,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
+    dir: Annotated[Path | None, typer.Option("--dir", help="Checkpoint cache folder.")] = None,
+) -> None:
+    """Serve the web UI (Gradio): upload, options, progress, result."""
+    from lipsync.app import build_app
+    from lipsync.config import get_preset
+
+    get_preset(preset)
+    page = build_app(preset, device, dtype, str(dir) if dir else None)
+    console.print(f"lipsync web UI on http://{host}:{port}")
+    page.queue().launch(server_name=host, server_port=port, show_error=True, quiet=True)
+
+
 @app.command()
 def download(
     version: Annotated[
@@ -119,7 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the Typer app, turning user errors into one line and exit code."""
     start = time.perf_counter()
     try:
-        app(args=argv, standalone_mode=False)
+        # Typer turns Ctrl-C into an exit code, returned (not raised) in this mode
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except LipSyncError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)

@@ -370,3 +370,17 @@ def test_shortest_clip_gives_one_position(encoder):
     assert feats.shape == (1, 5, 384)
     assert encoder.frame_windows(feats).shape == (2, 50, 384)  # int(1 * 2) = 2 > 1 stops at i=1
     assert math.isfinite(feats.abs().max().item())
+
+
+def test_lazy_features_equal_eager_features_on_long_audio(encoder):
+    # 70 s: three 30 s windows, the last one partial; windows built from either are identical
+    rng = np.random.default_rng(3)
+    wav = (0.1 * rng.standard_normal(70 * 16000)).astype(np.float32)
+    eager = encoder.features(wav)
+    lazy = encoder.lazy_features(wav)
+    assert lazy.shape == tuple(eager.shape)
+    for start, stop in [(0, 16), (740, 760), (1730, 1760)]:
+        a = frame_windows(eager, 25, start=start, stop=stop)
+        b = frame_windows(lazy, 25, start=start, stop=stop)
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert len(lazy._cache) <= 2

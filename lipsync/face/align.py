@@ -469,8 +469,21 @@ def _gaussian_blur(x: torch.Tensor, ksize: int, sigma: float) -> torch.Tensor:
     taps = torch.arange(ksize, dtype=torch.float32, device=x.device) - r
     k = torch.exp(-(taps**2) / (2 * sigma**2))
     k = k / k.sum()
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, ksize))
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, ksize, 1))
+    n, _, h, w = x.shape
+    # Window sizes change with every frame; oneDNN (CPU) caches a primitive per input shape,
+    # which grows memory over a long video. Zero-padding batch, height and width up to coarse
+    # buckets keeps the set of shapes small; the extra outputs are cropped (values unchanged).
+    nb, hb, wb = 1 << (n - 1).bit_length(), _bucket(h + 2 * r), _bucket(w + 2 * r)
+    x = F.pad(x, (r, r, 0, 0), mode="reflect")
+    x = F.pad(x, (0, wb - x.shape[-1], 0, hb - h, 0, 0, 0, nb - n))
+    x = F.conv2d(x, k.view(1, 1, 1, ksize))[:n, :, :h, :w]
+    y = F.pad(x, (0, 0, r, r), mode="reflect")
+    y = F.pad(y, (0, wb - w, 0, hb - y.shape[-2], 0, 0, 0, nb - n))
+    return F.conv2d(y, k.view(1, 1, ksize, 1))[:n, :, :h, :w]
+
+
+def _bucket(size: int, step: int = 64) -> int:
+    return -(-size // step) * step
 
 
 def _soft_mask(coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

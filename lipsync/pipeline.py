@@ -1,0 +1,335 @@
+"""The lip-sync pipeline: a video and an audio track in, a lip-synced video out.
+
+Stages (each a function of the previous one's output; data flows one way):
+
+1. **validate** the inputs and output path (:func:`lipsync.media.validate_inputs`): one clear
+   error before any heavy work; the audio is decoded once (16 kHz mono).
+2. **audio**: Whisper features for the whole track → one (50, 384) window per output frame.
+   The output has ``ceil(audio_seconds × 25)`` frames (the reference emits two more, past the
+   end of the audio; we follow the audio's length).
+3. **faces** (pass 1 over the video): landmarks per frame, the tracked face, the alignment
+   matrices. No usable face anywhere → :class:`~lipsync.errors.NoFaceError`, nothing written.
+4. **denoise + restore + encode** (pass 2), chunk by chunk (16 frames): align the faces, run the
+   diffusion model, paste the faces back, hand the frames to the encoder thread. Frames without
+   a usable face are passed through unchanged. Decoding (reader thread), the model (this thread)
+   and encoding (writer thread) overlap; memory does not grow with the video's length.
+
+The output is the input audio trimmed to the output's length, muxed with H.264 video, written
+atomically (temp file + rename). Ctrl-C or any error leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lipsync.audio import frame_windows
+from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
+from lipsync.errors import AudioError, ConfigError, VideoError
+from lipsync.face.align import crops_to_model_input, estimate_transforms, restore, warp_faces
+from lipsync.face.detect import MediaPipeDetector
+from lipsync.face.mask import load_mask, make_mask
+from lipsync.face.track import DEFAULT_MIN_FACE_SIZE, FrameStatus, require_faces
+from lipsync.frames import ArrayFrames, ArraySink, FileFrames, VideoFrames
+from lipsync.media import (
+    DEFAULT_MAX_DURATION_S,
+    VideoWriter,
+    audio_samples_for_frames,
+    frames_for_audio,
+    output_frame_indices,
+    validate_inputs,
+)
+from lipsync.models.bundle import ModelBundle
+from lipsync.runtime import release_memory
+
+FPS = 25
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything a run can be asked to do differently (CLI flags, API keyword arguments)."""
+
+    steps: int = 20
+    guidance: float = 1.5
+    seed: int | None = 1247  # None: a fresh random seed (reported)
+    scheduler: str = "ddim"
+    chunk_frames: int = 16
+    mask_path: str | None = None
+    min_face_size: int = DEFAULT_MIN_FACE_SIZE
+    loop_video: bool = True  # audio longer than video: ping-pong the video (the reference's way)
+    crf: float = 18
+    x264_preset: str = "medium"
+    codec: str = "auto"  # auto: NVENC when available, else libx264
+    max_duration_s: float = DEFAULT_MAX_DURATION_S
+    force: bool = False
+
+    def validate(self) -> None:
+        DenoiseOptions(self.steps, self.guidance, self.scheduler).validate()
+        if not 1 <= self.chunk_frames <= 24:
+            raise ConfigError(f"chunk_frames must be 1..24, got {self.chunk_frames}")
+        if self.min_face_size < 1:
+            raise ConfigError(f"min_face_size must be positive, got {self.min_face_size}")
+
+
+@dataclass
+class RunReport:
+    """What a run did; printed by the CLI, returned by the API, stored by the job service."""
+
+    output: str | None
+    preset: str
+    device: str
+    dtype: str
+    seed: int
+    frames: int = 0
+    frames_with_face: int = 0
+    frames_without_face: int = 0
+    frames_face_too_small: int = 0
+    video_frames: int = 0
+    looped: bool = False
+    audio_seconds: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def fps(self) -> float:
+        total = sum(self.seconds.values())
+        return self.frames / total if total > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["fps"] = round(self.fps, 3)
+        d["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
+        d["seconds_total"] = round(sum(self.seconds.values()), 3)
+        return d
+
+
+class Progress:
+    """Progress sink: the CLI draws bars, the web UI a bar, the API nothing (this base class)."""
+
+    def start(self, stage: str, total: int) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def advance(self, stage: str, n: int = 1) -> None:  # noqa: B027
+        pass
+
+    def finish(self, stage: str) -> None:  # noqa: B027
+        pass
+
+
+@dataclass
+class FaceTrackResult:
+    matrices: np.ndarray  # (n_video, 2, 3) float32; NaN rows where no usable face
+    usable: np.ndarray  # (n_video,) bool
+    status: list[FrameStatus]
+    summary: str
+
+
+class LipSyncPipeline:
+    """Runs the stages above with one set of loaded models (reusable across runs)."""
+
+    def __init__(self, models: ModelBundle):
+        self.models = models
+        self.resolution = models.preset.resolution
+
+    # -- stage helpers -------------------------------------------------------------------
+
+    def _mask(self, options: RunOptions) -> torch.Tensor:
+        if options.mask_path:
+            return torch.from_numpy(load_mask(options.mask_path, self.resolution))
+        return torch.from_numpy(make_mask(self.resolution))
+
+    def track_faces(
+        self, frames: VideoFrames, num_frames: int, options: RunOptions, progress: Progress
+    ) -> FaceTrackResult:
+        """Pass 1: the face to edit in each of the first ``num_frames`` frames, and its matrix."""
+        progress.start("faces", num_frames)
+        points: list[np.ndarray | None] = []
+        status: list[FrameStatus] = []
+        with MediaPipeDetector(min_face_size=options.min_face_size) as detector:
+            for batch in frames.batches(num_frames):
+                for observations in detector.detect_all(batch):
+                    step = detector.tracker.update(observations)
+                    points.append(step.face.points3 if step.face is not None else None)
+                    status.append(step.status)
+                progress.advance("faces", len(batch))
+            report = detector.report
+        progress.finish("faces")
+        n = len(points)
+        usable = np.array([p is not None for p in points], dtype=bool)
+        matrices = np.full((n, 2, 3), np.nan, dtype=np.float32)
+        if usable.any():
+            valid = np.stack([p for p in points if p is not None]).astype(np.float32)
+            matrices[usable] = estimate_transforms(valid, self.resolution, smooth=True)
+        require_faces(_TrackView(report))
+        return FaceTrackResult(matrices, usable, status, report.summary())
+
+    # -- the run -------------------------------------------------------------------------
+
+    def run(
+        self,
+        video_path: str | Path,
+        audio_path: str | Path,
+        out_path: str | Path,
+        options: RunOptions | None = None,
+        progress: Progress | None = None,
+    ) -> RunReport:
+        """Files in, file out (written atomically). See the module docstring for the stages."""
+        options = options or RunOptions()
+        options.validate()
+        t = time.perf_counter()
+        inputs = validate_inputs(
+            video_path, audio_path, out_path, force=options.force,
+            max_duration_s=options.max_duration_s,
+        )  # fmt: skip
+        report = self._new_report(options)
+        report.seconds["validate"] = time.perf_counter() - t
+        if inputs.audio_silent:
+            report.warnings.append("the audio is silent: the mouth will barely move")
+        n_video = inputs.video.output_frames(FPS) or 0
+        if n_video <= 0:
+            raise VideoError(f"cannot count the frames of {inputs.video_path}")
+        frames = FileFrames(inputs.video_path, inputs.video, n_video)
+
+        def open_sink(audio_out: np.ndarray) -> VideoWriter:
+            return VideoWriter(
+                inputs.output_path, fps=FPS, audio=audio_out, sample_rate=SAMPLE_RATE,
+                crf=options.crf, codec=options.codec, overwrite=options.force,
+                preset=options.x264_preset,
+            )  # fmt: skip
+
+        result = self._run(frames, inputs.waveform, open_sink, options, progress, report)
+        report.output = str(result)
+        return report
+
+    def run_arrays(
+        self,
+        frames: np.ndarray,
+        waveform: np.ndarray,
+        options: RunOptions | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[np.ndarray, RunReport]:
+        """In-memory form for services: frames (N, H, W, 3) uint8 RGB at 25 fps and a 16 kHz mono
+        float32 waveform in; the synced frames (M, H, W, 3) out, M = the audio's length in
+        frames. Nothing touches the disk."""
+        options = options or RunOptions()
+        options.validate()
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+            raise VideoError(
+                f"frames must be a non-empty (N, H, W, 3) uint8 array, got "
+                f"{frames.dtype} {frames.shape}"
+            )
+        wav = np.asarray(waveform, dtype=np.float32).reshape(-1)
+        if not len(wav):
+            raise AudioError("the audio is empty")
+        report = self._new_report(options)
+        out = self._run(ArrayFrames(frames), wav, lambda _: ArraySink(), options, progress, report)
+        return out, report
+
+    def _new_report(self, options: RunOptions) -> RunReport:
+        m = self.models
+        seed = options.seed if options.seed is not None else int(torch.seed() % 2**31)
+        return RunReport(
+            output=None,
+            preset=m.preset.name,
+            device=str(m.device),
+            dtype=str(m.dtype).removeprefix("torch."),
+            seed=seed,
+        )
+
+    def _run(self, frames, wav, open_sink, options, progress, report: RunReport):
+        progress = progress or Progress()
+        m = self.models
+        mask = self._mask(options)
+
+        # audio -> one window per output frame
+        t = time.perf_counter()
+        features = m.audio.lazy_features(wav)  # computed 30 s at a time, as chunks need them
+        n_out = frames_for_audio(len(wav), FPS, SAMPLE_RATE)
+        report.audio_seconds = len(wav) / SAMPLE_RATE
+        report.seconds["audio"] = time.perf_counter() - t
+
+        # faces (pass 1) over the source frames the output will use
+        source_index = output_frame_indices(frames.num_frames, n_out, loop=options.loop_video)
+        n_out = len(source_index)
+        report.frames = n_out
+        report.video_frames = frames.num_frames
+        report.looped = bool(n_out > frames.num_frames)
+        t = time.perf_counter()
+        needed = int(source_index.max()) + 1
+        track = self.track_faces(frames, needed, options, progress)
+        if len(track.usable) < needed:  # the container over-stated its frame count
+            frames.num_frames = report.video_frames = len(track.usable)
+            source_index = output_frame_indices(frames.num_frames, n_out, options.loop_video)
+            report.frames = n_out = len(source_index)
+            report.looped = bool(n_out > frames.num_frames)
+        report.seconds["faces"] = time.perf_counter() - t
+
+        # pass 2: denoise, restore, encode
+        t = time.perf_counter()
+        audio_out = wav[: audio_samples_for_frames(n_out, FPS, SAMPLE_RATE)]
+        denoiser = ChunkDenoiser(
+            m.unet, m.vae, mask,
+            DenoiseOptions(options.steps, options.guidance, options.scheduler),
+        )  # fmt: skip
+        generator = torch.Generator(device=m.device).manual_seed(report.seed)
+        noise = initial_noise(1, self.resolution // 8, generator, m.device, m.dtype)
+        progress.start("denoising", n_out)
+        sink = open_sink(audio_out)
+        try:
+            for start in range(0, n_out, options.chunk_frames):
+                idx = source_index[start : start + options.chunk_frames]
+                chunk = frames.get(idx)
+                usable = track.usable[idx]
+                if usable.any():
+                    windows = frame_windows(features, FPS, start=start, stop=start + len(idx))
+                    chunk = self._sync_chunk(
+                        chunk, track.matrices[idx], usable, windows, denoiser, noise, generator
+                    )
+                    report.frames_with_face += int(usable.sum())
+                sink.write(chunk)
+                progress.advance("denoising", len(idx))
+                release_memory()  # long runs: keep fragmentation from growing the heap
+            progress.finish("denoising")
+            report.seconds["denoise"] = time.perf_counter() - t
+            t = time.perf_counter()
+            progress.start("encoding", 1)
+            result = sink.close()
+            progress.finish("encoding")
+            report.seconds["encode"] = time.perf_counter() - t
+        except BaseException:
+            sink.abort()
+            raise
+        finally:
+            frames.close()
+        statuses = [track.status[i] for i in source_index]
+        report.frames_face_too_small = sum(s == FrameStatus.TOO_SMALL for s in statuses)
+        report.frames_without_face = n_out - report.frames_with_face
+        return result
+
+    def _sync_chunk(self, frames, matrices, usable, windows, denoiser, noise, generator):
+        """frames (n, H, W, 3) uint8 -> the same frames with the usable faces re-synthesised."""
+        sel = np.flatnonzero(usable)
+        mats = matrices[sel]
+        dev = self.models.device
+        src = torch.from_numpy(frames[sel]).to(dev)
+        crops = warp_faces(src, mats, self.resolution)
+        faces = crops_to_model_input(crops, self.resolution)  # (k, 3, r, r) in [-1, 1]
+        chunk_noise = noise.expand(1, 4, len(sel), *noise.shape[-2:])
+        synced = denoiser(faces, windows[sel], chunk_noise, generator)
+        restored = restore(src, synced, mats, resolution=self.resolution)
+        out = frames.copy()
+        out[sel] = restored.cpu().numpy() if isinstance(restored, torch.Tensor) else restored
+        return out
+
+
+class _TrackView:
+    """Adapter so :func:`require_faces` can read a detector's running report."""
+
+    def __init__(self, report):
+        self.report = report

@@ -1,0 +1,38 @@
+"""Process-level memory hygiene for long runs.
+
+Frame-sized buffers (hundreds of KB to MB) are allocated and freed all the time by the decoder,
+encoder and model threads. glibc keeps freed heap memory for reuse, so resident memory creeps up
+over a long video through fragmentation (measured, 2-minute clip, tiny preset: +120 MB over the
+run). :func:`release_memory` asks glibc to return free heap pages to the system
+(``malloc_trim``); the pipeline calls it after every chunk. Pinning glibc's mmap threshold
+instead also stopped the creep but made the CPU pipeline twice as slow (page faults on every
+large temporary), so we don't.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim  # noqa: B018 - glibc only (musl has none)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def release_memory() -> bool:
+    """Return free heap pages to the OS (glibc ``malloc_trim(0)``); False where unsupported."""
+    libc = _libc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

@@ -95,6 +95,31 @@ def media(video: str) -> None:
             time.perf_counter() - t,
         )
 
+    from lipsync.media.color import rgb_to_yuv420
+
+    for preset in ("medium", "veryfast", "faster"):
+        t = time.perf_counter()
+        with VideoWriter(os.path.join(tmp, f"y{preset}.mp4"), preset=preset, overwrite=True) as w:
+            for s in range(0, len(frames), 16):
+                w.write(rgb_to_yuv420(torch.from_numpy(frames[s : s + 16]).to(dev)))
+        emit(
+            f"encode libx264 {preset}, RGB->YUV on {dev.type}", len(frames), time.perf_counter() - t
+        )
+        t = time.perf_counter()
+        ff = FileFrames(video, info, len(frames))
+        with VideoWriter(os.path.join(tmp, f"q{preset}.mp4"), preset=preset, overwrite=True) as w:
+            for s in range(0, len(frames), 16):
+                idx = np.arange(s, min(s + 16, len(frames)))
+                src = torch.from_numpy(ff.get(idx)).to(dev)
+                faces = crops_to_model_input(warp_faces(src, mats[idx], 512), 512)
+                w.write(rgb_to_yuv420(restore(src, faces, mats[idx], resolution=512)))
+        ff.close()
+        emit(
+            f"pass 2 without the model, YUV on {dev.type}, encode {preset}",
+            len(frames),
+            time.perf_counter() - t,
+        )
+
 
 def faces(video: str) -> None:
     import cv2

@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from conftest import MEDIA
 from media_factory import (
     index_pattern,
@@ -693,6 +694,7 @@ def test_validate_unwritable_directory(tmp_path, av_clip, monkeypatch):
 _STREAM_SCRIPT = r"""
 import json, resource, sys
 import numpy as np
+import torch
 from lipsync.media import VideoWriter, iter_frames, probe
 src, dst, stop = sys.argv[1], sys.argv[2], int(sys.argv[3])
 info = probe(src)
@@ -751,3 +753,23 @@ def test_streaming_memory_is_bounded(tmp_path):
     # 1250 more 720p frames are 3.4 GB decoded; streaming keeps ~5 batches of 4 in flight
     print(f"peak RSS: 10 s {short['peak_mb']:.0f} MB, 60 s {long['peak_mb']:.0f} MB")
     assert long["peak_mb"] <= short["peak_mb"] + 64
+
+
+def test_yuv420_path_round_trips_like_the_rgb_path(tmp_path):
+    from lipsync.media import VideoWriter, read_frames
+    from lipsync.media.color import rgb_to_yuv420
+
+    rng = np.random.default_rng(0)
+    base = np.kron(rng.integers(0, 256, (6, 9, 16, 3)), np.ones((1, 8, 8, 1)))
+    frames = base.astype(np.uint8)[:, :, :, :3]  # (6, 72, 128, 3) blocky colours
+    rgb_out, yuv_out = tmp_path / "rgb.mp4", tmp_path / "yuv.mp4"
+    with VideoWriter(rgb_out, crf=10) as w:
+        w.write(frames)
+    with VideoWriter(yuv_out, crf=10) as w:
+        w.write(rgb_to_yuv420(torch.from_numpy(frames)))
+    a = read_frames(rgb_out).astype(np.int16)
+    b = read_frames(yuv_out).astype(np.int16)
+    src = frames.astype(np.int16)
+    err_rgb, err_yuv = np.abs(a - src).mean(), np.abs(b - src).mean()
+    assert a.shape == b.shape == src.shape
+    assert err_yuv < 3.0 and err_yuv <= err_rgb + 0.5, (err_rgb, err_yuv)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from lipsync.errors import MediaError, OutputPathError
+from lipsync.media.color import Yuv420Frames
 from lipsync.media.probe import _one_line, has_encoder
 from lipsync.media.timeline import _as_fraction, audio_samples_for_frames
 
@@ -237,10 +238,22 @@ class VideoWriter:
         return self._tmp
 
     def write(self, frames: np.ndarray, copy: bool = False) -> None:
-        """Queue one frame (H, W, 3) or a batch (n, H, W, 3) of RGB uint8 frames."""
+        """Queue one frame (H, W, 3) or a batch (n, H, W, 3) of RGB uint8 frames, or a batch
+        already converted to planar YUV 4:2:0 (:class:`lipsync.media.color.Yuv420Frames`)."""
         if self._closed:
             raise RuntimeError("VideoWriter is closed")
         self._raise_if_failed()
+        if isinstance(frames, Yuv420Frames):
+            if self.size is None:
+                self.size = (frames.width, frames.height)
+            if (frames.width + frames.width % 2, frames.height + frames.height % 2) != (
+                self.size[0] + self.size[0] % 2,
+                self.size[1] + self.size[1] % 2,
+            ):
+                raise ValueError("YUV frame size differs from the writer's")
+            self.frames_written += len(frames)
+            self._submit(frames)
+            return
         arr = np.asarray(frames)
         if arr.ndim == 3:
             arr = arr[None]
@@ -260,6 +273,9 @@ class VideoWriter:
         if copy:
             arr = arr.copy()
         self.frames_written += arr.shape[0]
+        self._submit(arr)
+
+    def _submit(self, arr) -> None:
         if not self._background:
             self._encode_batch(arr)
             return
@@ -393,22 +409,37 @@ class VideoWriter:
 
         if self._container is None:
             self._open()
+        tb = 1 / self.fps
+        if isinstance(arr, Yuv420Frames):  # converted already (on a GPU): no swscale
+            for planes in arr.planes:
+                if self._abort.is_set():
+                    return
+                self._encode_frame(av.VideoFrame.from_ndarray(planes, format="yuv420p"), tb)
+            return
         pad_h, pad_w = arr.shape[1] & 1, arr.shape[2] & 1
         if pad_h or pad_w:  # 4:2:0 needs even sizes: repeat the last row / column
             arr = np.pad(arr, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
         matrix = _COLORSPACES[self.colorspace][0]
-        tb = 1 / self.fps
+        if self._reformatter is None:
+            from av.video.reformatter import VideoReformatter
+
+            self._reformatter = VideoReformatter()  # keeps its SwsContext between frames
         for img in arr:
             if self._abort.is_set():
                 return
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            frame = frame.reformat(format=self.pix_fmt, dst_colorspace=matrix, dst_color_range=1)
-            frame.pts = self.frames_encoded
-            frame.time_base = tb
-            for packet in self._vstream.encode(frame):
-                self._container.mux(packet)
-            self.frames_encoded += 1
-            self._feed_audio(self._audio_target(self.frames_encoded))
+            frame = self._reformatter.reformat(
+                frame, format=self.pix_fmt, dst_colorspace=matrix, dst_color_range=1
+            )
+            self._encode_frame(frame, tb)
+
+    def _encode_frame(self, frame, tb) -> None:
+        frame.pts = self.frames_encoded
+        frame.time_base = tb
+        for packet in self._vstream.encode(frame):
+            self._container.mux(packet)
+        self.frames_encoded += 1
+        self._feed_audio(self._audio_target(self.frames_encoded))
 
     def _audio_target(self, n_frames: int) -> int:
         return audio_samples_for_frames(n_frames, float(self.fps), self.sample_rate)

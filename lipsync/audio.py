@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lipsync.errors import AudioError, CheckpointError
+from lipsync.errors import AudioError, CheckpointError, one_line
 from lipsync.models.whisper import WhisperDims, WhisperEncoder, encoder_state_dict
 
 SAMPLE_RATE = 16000
@@ -79,7 +79,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise AudioError(f"cannot read audio from {path}: {_one_line(exc)}") from None
+        raise AudioError(f"cannot read audio from {path}: {one_line(exc)}") from None
     chunks: list[np.ndarray] = []
     try:
         with container:
@@ -93,15 +93,10 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
             for out in resampler.resample(None):  # flush the resampler's delay line
                 chunks.append(out.to_ndarray().reshape(-1))
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise AudioError(f"cannot decode audio from {path}: {_one_line(exc)}") from None
+        raise AudioError(f"cannot decode audio from {path}: {one_line(exc)}") from None
     if not chunks or sum(c.size for c in chunks) == 0:
         raise AudioError(f"audio stream in {path} is empty")
     return np.concatenate(chunks).astype(np.float32) / np.float32(32768.0)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc)  # FFmpeg errors: drop errno and path
-    return " ".join(str(text).split()) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from lipsync.config import (
     cache_dir,
     get_preset,
 )
-from lipsync.errors import CheckpointError, CheckpointNotFoundError
+from lipsync.errors import CheckpointError, CheckpointNotFoundError, one_line
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -62,14 +62,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
         if "mmap" not in str(e) and "zip" not in str(e):
-            raise CheckpointError(f"cannot read {path}: {_first_line(e)}") from e
+            raise CheckpointError(f"cannot read {path}: {one_line(e)}") from e
         try:  # legacy (non-zip) torch files cannot be memory-mapped
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e2:  # noqa: BLE001 - any failure here means "not a checkpoint"
-            raise CheckpointError(f"cannot read {path}: {_first_line(e2)}") from e2
+            raise CheckpointError(f"cannot read {path}: {one_line(e2)}") from e2
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
         raise CheckpointError(
-            f"cannot read {path} as a PyTorch checkpoint ({_first_line(e)}); only weights-only "
+            f"cannot read {path} as a PyTorch checkpoint ({one_line(e)}); only weights-only "
             "files (tensors and plain containers) are accepted"
         ) from e
     if not isinstance(obj, Mapping):
@@ -162,11 +162,6 @@ def _likely_cause(what, expected, state, missing, unexpected, top_level) -> str:
     if len(missing) > len(expected) // 2:
         return "a file for a different model or a different model version"
     return "a different model version or a truncated/edited file"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _convert(state: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
@@ -312,8 +307,8 @@ def _fetch_from_hub(repo: str, filename: str, local_dir: Path, progress: bool) -
     except LocalEntryNotFoundError as e:
         raise CheckpointNotFoundError(
             f"cannot download {repo}/{filename}: offline or the Hub is unreachable "
-            f"({_first_line(e)}); connect and run: lipsync download, or copy the files from a "
+            f"({one_line(e)}); connect and run: lipsync download, or copy the files from a "
             "machine that has them with: lipsync download --from DIR"
         ) from e
     except OSError as e:
-        raise CheckpointError(f"download of {repo}/{filename} failed: {_first_line(e)}") from e
+        raise CheckpointError(f"download of {repo}/{filename} failed: {one_line(e)}") from e

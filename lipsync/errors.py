@@ -43,3 +43,11 @@ class NoFaceError(MediaError):
 
 class OutputPathError(LipSyncError):
     """The output path is unusable: equal to an input, exists without --force, or unwritable."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line for a user-facing message: FFmpeg's ``strerror`` (without
+    errno and path) if present, else the message's first line, whitespace collapsed."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    return " ".join(lines[0].split()) if lines else type(exc).__name__

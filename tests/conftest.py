@@ -40,3 +40,18 @@ def reference() -> Path:
 @pytest.fixture(scope="session")
 def media() -> Path:
     return MEDIA
+
+
+def demo_source_frames(n: int):
+    """The first ``n`` frames of ``demo1_video.mp4`` exactly as PyAV decodes them (RGB uint8,
+    no frame-rate resampling): what the reference fixtures were computed from."""
+    import av
+    import numpy as np
+
+    out = []
+    with av.open(str(MEDIA / "demo1_video.mp4")) as container:
+        for frame in container.decode(video=0):
+            out.append(frame.to_ndarray(format="rgb24"))
+            if len(out) == n:
+                break
+    return np.stack(out)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 
-import av
 import numpy as np
 import pytest
 import torch
-from conftest import MEDIA, REFERENCE
+from conftest import REFERENCE, demo_source_frames
 from safetensors.numpy import load_file
 
 from lipsync.face import align
@@ -31,13 +30,7 @@ def ref() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def frames() -> np.ndarray:
     """The first 16 frames of demo1 (1080 x 1920 portrait), RGB uint8: (16, 1920, 1080, 3)."""
-    out = []
-    with av.open(str(MEDIA / "demo1_video.mp4")) as container:
-        for frame in container.decode(video=0):
-            out.append(frame.to_ndarray(format="rgb24"))
-            if len(out) == 16:
-                break
-    return np.stack(out)
+    return demo_source_frames(16)
 
 
 def footprint(matrix: np.ndarray, crop_hw: tuple[int, int], shape: tuple[int, int], grow: int):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 
-import av
 import numpy as np
 import pytest
-from conftest import MEDIA, REFERENCE
+from conftest import REFERENCE, demo_source_frames
 from safetensors.numpy import load_file
 
 from lipsync.errors import ConfigError, NoFaceError
@@ -40,13 +39,7 @@ N_FRAMES = 32  # the fixture covers 16; frames 22 and 28 are where FaceMesh repo
 
 @pytest.fixture(scope="module")
 def demo_frames() -> np.ndarray:
-    frames = []
-    with av.open(str(MEDIA / "demo1_video.mp4")) as container:
-        for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            if len(frames) == N_FRAMES:
-                break
-    return np.stack(frames)
+    return demo_source_frames(N_FRAMES)
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,7 @@ from lipsync.face.landmarks import (
     points3_mediapipe,
 )
 from lipsync.face.track import DEFAULT_MIN_FACE_SIZE, FaceTracker, TrackReport
+from lipsync.media.color import as_rgb_batch
 
 __all__ = [
     "FaceDetector",
@@ -100,18 +101,8 @@ class FaceObservation:
 
 
 def as_frames(frames: np.ndarray) -> np.ndarray:
-    """Check and normalise detector input to a C-contiguous (N, H, W, 3) uint8 array.
-
-    A single (H, W, 3) frame is accepted and becomes a batch of one.
-    """
-    arr = np.asarray(frames)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"frames must be (N, H, W, 3) RGB, got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8, got {arr.dtype}")
-    return np.ascontiguousarray(arr)
+    """Check and normalise detector input to a C-contiguous (N, H, W, 3) uint8 array."""
+    return as_rgb_batch(frames)
 
 
 class FaceDetector(abc.ABC):

@@ -53,3 +53,16 @@ def rgb_to_yuv420(frames: torch.Tensor | np.ndarray) -> Yuv420Frames:
     out[:, h : h + h // 4] = uq.reshape(n, h // 4, w)
     out[:, h + h // 4 :] = vq.reshape(n, h // 4, w)
     return Yuv420Frames(out.cpu().numpy(), w, h)
+
+
+def as_rgb_batch(frames) -> np.ndarray:
+    """Check and normalise frames to a C-contiguous (N, H, W, 3) uint8 RGB array; a single
+    (H, W, 3) frame becomes a batch of one. Raises ValueError otherwise."""
+    arr = np.asarray(frames)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"frames must be (N, H, W, 3) RGB, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {arr.dtype}")
+    return np.ascontiguousarray(arr)

@@ -34,11 +34,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lipsync.errors import VideoError
+from lipsync.errors import VideoError, one_line
 from lipsync.media.probe import (
     MediaInfo,
     Orientation,
-    _one_line,
     check_complete,
     frame_orientation,
     open_input,
@@ -132,7 +131,7 @@ def _decoded_frames(container: Any, stream: Any, path: Path, max_errors: int) ->
             frames = packet.decode()
         except av.error.InvalidDataError as exc:
             errors += 1
-            log.warning("skipping damaged video packet in %s: %s", path, _one_line(exc))
+            log.warning("skipping damaged video packet in %s: %s", path, one_line(exc))
             if errors > max_errors:
                 raise VideoError(
                     f"too many decoding errors in {path} ({errors}); the file is damaged"
@@ -262,7 +261,7 @@ class VideoReader:
             import av
 
             if isinstance(exc, av.error.FFmpegError):
-                exc = VideoError(f"cannot decode {self.path}: {_one_line(exc)}")
+                exc = VideoError(f"cannot decode {self.path}: {one_line(exc)}")
             self._put(_Failure(exc))
         else:
             self._put(_DONE)
@@ -443,7 +442,7 @@ def scan_timeline(path: str | os.PathLike, fps: float | Fraction = 25) -> np.nda
                 last_dts = packet.dts if packet.dts is not None else pts
                 pkts.append((int(pts), int(packet.duration or 0)))
     except av.error.FFmpegError as exc:
-        raise VideoError(f"cannot read {p}: {_one_line(exc)}") from None
+        raise VideoError(f"cannot read {p}: {one_line(exc)}") from None
     if not pkts:
         raise VideoError(f"no video frames in {p}")
     pkts.sort(key=lambda x: x[0])

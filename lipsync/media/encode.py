@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from lipsync.errors import MediaError, OutputPathError
-from lipsync.media.color import Yuv420Frames
-from lipsync.media.probe import _one_line, has_encoder
+from lipsync.errors import MediaError, OutputPathError, one_line
+from lipsync.media.color import Yuv420Frames, as_rgb_batch
+from lipsync.media.probe import has_encoder
 from lipsync.media.timeline import _as_fraction, audio_samples_for_frames
 
 log = logging.getLogger(__name__)
@@ -254,13 +254,7 @@ class VideoWriter:
             self.frames_written += len(frames)
             self._submit(frames)
             return
-        arr = np.asarray(frames)
-        if arr.ndim == 3:
-            arr = arr[None]
-        if arr.ndim != 4 or arr.shape[-1] != 3:
-            raise ValueError(f"expected RGB frames (n, H, W, 3), got shape {arr.shape}")
-        if arr.dtype != np.uint8:
-            raise ValueError(f"expected uint8 frames, got {arr.dtype}")
+        arr = as_rgb_batch(frames)
         h, w = arr.shape[1:3]
         if self.size is None:
             self.size = (w, h)
@@ -530,7 +524,7 @@ def _wrap_av_error(exc: BaseException, path: Path) -> BaseException:
     import av
 
     if isinstance(exc, av.error.FFmpegError):
-        return MediaError(f"cannot encode {path}: {_one_line(exc)}")
+        return MediaError(f"cannot encode {path}: {one_line(exc)}")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return MediaError(f"no space left on the device while writing {path}")
     return exc

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lipsync.errors import AudioError, MediaError, VideoError
+from lipsync.errors import AudioError, MediaError, VideoError, one_line
 
 __all__ = [
     "MediaInfo",
@@ -235,11 +235,6 @@ def _stream_duration(stream: Any, container: Any) -> float | None:
     return None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc)
-    return " ".join(str(text).split()) or type(exc).__name__
-
-
 def open_input(path: str | os.PathLike, error: type[MediaError] = MediaError, what: str = "media"):
     """``av.open(path)`` with typed, one-line errors (missing, directory, unreadable, not media)."""
     import av
@@ -256,7 +251,7 @@ def open_input(path: str | os.PathLike, error: type[MediaError] = MediaError, wh
     except av.error.InvalidDataError:
         raise error(f"cannot read {p}: not a media file, or it is damaged or truncated") from None
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
-        raise error(f"cannot read {p}: {_one_line(exc)}") from None
+        raise error(f"cannot read {p}: {one_line(exc)}") from None
 
 
 def probe(
@@ -349,7 +344,7 @@ def probe(
     except MediaError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise error(f"cannot read {p}: {_one_line(exc)}") from None
+        raise error(f"cannot read {p}: {one_line(exc)}") from None
     return MediaInfo(**info)
 
 
@@ -361,7 +356,7 @@ def _first_frame(container: Any, stream: Any, path: Path, error: type[MediaError
         for frame in container.decode(stream):
             return frame
     except av.error.FFmpegError as exc:
-        raise error(f"cannot decode the {name} video in {path}: {_one_line(exc)}") from None
+        raise error(f"cannot decode the {name} video in {path}: {one_line(exc)}") from None
     raise error(f"the video stream in {path} has no decodable frames (damaged or truncated?)")
 
 

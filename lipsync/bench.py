@@ -125,3 +125,137 @@ def bench_unet_call(
         peak_gib=peak,
         compile_s=max(0.0, first - seconds),
     )
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192) -> float | None:
+    """Measured bf16 matrix rate of this GPU (the denominator of 'share of peak')."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = time_fn(lambda: a @ b, device, warmup=3, iters=10)
+    return 2 * n**3 / seconds / 1e12
+
+
+def bench_model(
+    preset: str = "tiny",
+    frames: int = 16,
+    steps: int = 20,
+    mode: str = "exact",
+    device: str | None = None,
+    dtype: str | None = None,
+    compile_mode: str = "none",
+    chunks: int = 2,
+    guidance: float = 1.5,
+) -> dict:
+    """Synthetic-input benchmark of the model stages for ``chunks`` chunks of ``frames`` frames:
+    VAE encode, the U-Net loop, VAE decode; per-frame milliseconds, frames/s, U-Net TFLOP/s
+    and its share of the measured matrix peak, peak GPU memory. The first chunk (warm-up,
+    compilation) is reported separately and excluded from the rates."""
+    from lipsync.accel.compile import compile_unet
+    from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
+    from lipsync.errors import ConfigError
+    from lipsync.face.mask import make_mask
+    from lipsync.models.bundle import load_models
+
+    if mode != "exact":
+        raise ConfigError(f"mode {mode!r} is not implemented yet; only 'exact' is")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    models = load_models(preset, device=dev, dtype=dt)
+    compile_unet(models.unet, compile_mode)
+    res = models.preset.resolution
+    den = ChunkDenoiser(
+        models.unet, models.vae, torch.from_numpy(make_mask(res)), DenoiseOptions(steps, guidance)
+    )
+    g = torch.Generator(device=dev).manual_seed(0)
+    faces = torch.rand(frames, 3, res, res, device=dev, generator=g) * 2 - 1
+    audio = torch.randn(frames, 50, 384, device=dev, generator=g)
+    noise = initial_noise(frames, res // 8, g, dev, models.dtype)
+
+    batch = 2 if guidance > 1.0 else 1
+    inputs = make_unet_inputs(batch, frames, res // 8, dev, models.dtype, null_clips=batch - 1)
+    with torch.inference_mode():
+        flops_per_call = count_flops(
+            lambda: models.unet(inputs.sample, inputs.timestep, inputs.audio, inputs.null_clips)
+        )
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    den.stage_seconds = {}
+    t0 = time.perf_counter()
+    den(faces, audio, noise, g)
+    warmup_s = time.perf_counter() - t0
+    den.stage_seconds = {}
+    t0 = time.perf_counter()
+    for _ in range(chunks):
+        den(faces, audio, noise, g)
+    sync(dev)
+    total = time.perf_counter() - t0
+    n = frames * chunks
+    unet_s = den.stage_seconds.get("unet", 0.0)
+    tflops = flops_per_call * steps * chunks / unet_s / 1e12 if unet_s else 0.0
+    peak = matmul_peak_tflops(dev)
+    return {
+        "preset": preset,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": dt,
+        "torch": torch.__version__,
+        "mode": mode,
+        "compile": compile_mode,
+        "frames_per_chunk": frames,
+        "steps": steps,
+        "guidance": guidance,
+        "chunks_timed": chunks,
+        "warmup_chunk_s": round(warmup_s, 3),
+        "ms_per_frame": {k: round(v / n * 1e3, 2) for k, v in den.stage_seconds.items()},
+        "model_fps": round(n / total, 2),
+        "unet_loop_fps": round(n / unet_s, 2) if unet_s else None,
+        "unet_gflop_per_call": round(flops_per_call / 1e9, 1),
+        "unet_tflops": round(tflops, 2),
+        "matmul_peak_tflops": round(peak, 1) if peak else None,
+        "unet_share_of_peak": round(tflops / peak, 3) if peak else None,
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+        if dev.type == "cuda"
+        else None,
+    }
+
+
+def profile_model(
+    out_dir: str,
+    preset: str = "tiny",
+    frames: int = 16,
+    steps: int = 2,
+    device: str | None = None,
+    dtype: str | None = None,
+    rows: int = 25,
+) -> str:
+    """Profile one chunk through the model (torch.profiler): writes a Chrome trace to
+    ``out_dir/trace.json`` and returns a top-operators table (CPU and device time, calls,
+    host↔device copies show up as ``aten::copy_`` / ``Memcpy`` rows)."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
+    from lipsync.face.mask import make_mask
+    from lipsync.models.bundle import load_models
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    models = load_models(preset, device=dev, dtype=dt)
+    res = models.preset.resolution
+    den = ChunkDenoiser(models.unet, models.vae, torch.from_numpy(make_mask(res)),
+                        DenoiseOptions(steps))  # fmt: skip
+    g = torch.Generator(device=dev).manual_seed(0)
+    faces = torch.rand(frames, 3, res, res, device=dev, generator=g) * 2 - 1
+    audio = torch.randn(frames, 50, 384, device=dev, generator=g)
+    noise = initial_noise(frames, res // 8, g, dev, models.dtype)
+    den(faces, audio, noise, g)  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        den(faces, audio, noise, g)
+        sync(dev)
+    os.makedirs(out_dir, exist_ok=True)
+    prof.export_chrome_trace(os.path.join(out_dir, "trace.json"))
+    key = "device_time_total" if dev.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)

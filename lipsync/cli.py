@@ -180,6 +180,52 @@ def web_app(
 
 
 @app.command()
+def bench(
+    preset: Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5 or tiny.")] = "tiny",
+    frames: Annotated[int, typer.Option(help="Frames per chunk.")] = 16,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
+    mode: Annotated[str, typer.Option(help="exact (fast modes: not implemented yet).")] = "exact",
+    compile: Annotated[str, typer.Option(help="none, regional, full, full-cudagraphs.")] = "none",
+    chunks: Annotated[int, typer.Option(help="Chunks timed after one warm-up chunk.")] = 2,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Time the model stages on synthetic input (per-stage ms/frame, frames/s, TFLOP/s)."""
+    from lipsync.bench import bench_model
+    from lipsync.config import get_preset
+
+    get_preset(preset)
+    report = bench_model(preset, frames, steps, mode, device, dtype, compile, chunks)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        console.print(f"{key:22s} {value}", highlight=False)
+
+
+@app.command()
+def profile(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for trace.json.")] = Path(
+        "lipsync-profile"
+    ),
+    preset: Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5 or tiny.")] = "tiny",
+    frames: Annotated[int, typer.Option(help="Frames per chunk.")] = 16,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 2,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
+) -> None:
+    """Profile one chunk: Chrome trace + top-operators table (CPU and device time, calls)."""
+    from lipsync.bench import profile_model
+    from lipsync.config import get_preset
+
+    get_preset(preset)
+    table = profile_model(str(out), preset, frames, steps, device, dtype)
+    typer.echo(table)
+    console.print(f"trace: {out / 'trace.json'} (open in chrome://tracing or Perfetto)")
+
+
+@app.command()
 def download(
     version: Annotated[
         str, typer.Option("--version", "-v", help="Model version: 1.6 or 1.5.")

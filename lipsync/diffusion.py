@@ -13,6 +13,7 @@ Per chunk of f frames (f ≤ 24; 16 by default), as in the reference ``LipsyncPi
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,20 @@ class ChunkDenoiser:
         # mask: (r, r), 1 = keep, 0 = generate
         self.mask = torch.as_tensor(mask, dtype=torch.float32).to(self.device)
         self.resolution = self.mask.shape[-1]
+        # Set to a dict to accumulate seconds per part (vae_encode, unet, vae_decode); this
+        # synchronises the device at each boundary, so leave it None outside benchmarks.
+        self.stage_seconds: dict[str, float] | None = None
+
+    def _mark(self, name: str | None, start: float) -> float:
+        """Close the part ``name`` that began at ``start`` (None: just synchronise)."""
+        if self.stage_seconds is None:
+            return start
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if name is not None:
+            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + now - start
+        return now
 
     def _encode(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         # images (f, 3, r, r) -> latents (1, 4, f, r/8, r/8)
@@ -101,8 +116,10 @@ class ChunkDenoiser:
         faces = faces.to(self.device, torch.float32)
         keep = self.mask[None, None]  # (1, 1, r, r)
         masked = faces * keep
+        clock = self._mark(None, time.perf_counter())
         masked_latents = self._encode(masked, generator)
         ref_latents = self._encode(faces, generator)
+        clock = self._mark("vae_encode", clock)
         h = masked_latents.shape[-1]
         mask_latent = F.interpolate(keep, size=(h, h))  # nearest, like the reference
         mask_latent = mask_latent[:, :, None].expand(1, 1, f, h, h).to(self.dtype)
@@ -137,5 +154,8 @@ class ChunkDenoiser:
             if on_step is not None:
                 on_step(i + 1, len(scheduler.timesteps))
 
+        clock = self._mark("unet", clock)
         decoded = self.vae.decode(latents[0].permute(1, 0, 2, 3)).float()  # (f, 3, r, r)
-        return decoded * (1 - keep) + faces * keep
+        out = decoded * (1 - keep) + faces * keep
+        self._mark("vae_decode", clock)
+        return out

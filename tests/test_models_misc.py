@@ -170,3 +170,22 @@ def test_cli_presets_json(tmp_path):
     assert rows["v1.6"]["resolution"] == 512
     assert rows["v1.6"]["checkpoints"].startswith("missing: lipsync download --version 1.6")
     assert rows["tiny"]["checkpoints"].startswith("random weights")
+
+
+def test_cli_bench_smoke_on_cpu():
+    proc = run_cli("bench", "--preset", "tiny", "--steps", "2", "--chunks", "1", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert set(report["ms_per_frame"]) == {"vae_encode", "unet", "vae_decode"}
+    assert all(v > 0 for v in report["ms_per_frame"].values())
+    assert report["model_fps"] > 0 and report["unet_gflop_per_call"] > 1.0
+    proc = run_cli("bench", "--mode", "fast", "--steps", "1")
+    assert proc.returncode == 2 and "not implemented yet" in proc.stderr
+
+
+def test_cli_profile_writes_a_chrome_trace(tmp_path):
+    proc = run_cli("profile", "--out", str(tmp_path), "--steps", "1", "--frames", "8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "aten::" in proc.stdout and "# of Calls" in proc.stdout
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert len(trace["traceEvents"]) > 100

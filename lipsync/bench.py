@@ -147,6 +147,7 @@ def bench_model(
     compile_mode: str = "none",
     chunks: int = 2,
     guidance: float = 1.5,
+    random_weights: bool = False,
 ) -> dict:
     """Synthetic-input benchmark of the model stages for ``chunks`` chunks of ``frames`` frames:
     VAE encode, the U-Net loop, VAE decode; per-frame milliseconds, frames/s, U-Net TFLOP/s
@@ -162,8 +163,7 @@ def bench_model(
         raise ConfigError(f"mode {mode!r} is not implemented yet; only 'exact' is")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    models = load_models(preset, device=dev, dtype=dt)
-    compile_unet(models.unet, compile_mode)
+    models = load_models(preset, device=dev, dtype=dt, random_weights=random_weights)
     res = models.preset.resolution
     den = ChunkDenoiser(
         models.unet, models.vae, torch.from_numpy(make_mask(res)), DenoiseOptions(steps, guidance)
@@ -179,6 +179,9 @@ def bench_model(
         flops_per_call = count_flops(
             lambda: models.unet(inputs.sample, inputs.timestep, inputs.audio, inputs.null_clips)
         )
+    # compile only after counting: a first call under the FLOP counter's dispatch mode would
+    # leave the compiled regions running eagerly
+    compile_unet(models.unet, compile_mode)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     den.stage_seconds = {}
@@ -202,6 +205,7 @@ def bench_model(
         "torch": torch.__version__,
         "mode": mode,
         "compile": compile_mode,
+        "weights": "random" if random_weights or models.preset.random_weights else "official",
         "frames_per_chunk": frames,
         "steps": steps,
         "guidance": guidance,

@@ -204,13 +204,12 @@ def random_unet(config: Mapping[str, Any], seed: int = 0, device="cpu", dtype=to
     """A U-Net with seeded random weights (the ``tiny`` preset; smoke tests only)."""
     from lipsync.models.unet import UNet3D
 
-    gen_state = torch.random.get_rng_state()
-    try:
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = UNet3D.from_config(dict(config))
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        with device:  # initialise in place on the target device (fast for full-size models)
+            model = UNet3D.from_config(dict(config))
+    return model.to(dtype=dtype).eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- finding files

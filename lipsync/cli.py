@@ -189,6 +189,9 @@ def bench(
     chunks: Annotated[int, typer.Option(help="Chunks timed after one warm-up chunk.")] = 2,
     device: Annotated[str | None, typer.Option(help="cuda or cpu.")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="Time the architecture without checkpoints.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Time the model stages on synthetic input (per-stage ms/frame, frames/s, TFLOP/s)."""
@@ -196,7 +199,9 @@ def bench(
     from lipsync.config import get_preset
 
     get_preset(preset)
-    report = bench_model(preset, frames, steps, mode, device, dtype, compile, chunks)
+    report = bench_model(
+        preset, frames, steps, mode, device, dtype, compile, chunks, random_weights=random_weights
+    )
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

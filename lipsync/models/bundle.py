@@ -17,7 +17,7 @@ from lipsync.audio import AudioEncoder
 from lipsync.checkpoints import load_unet, random_unet, require_checkpoints
 from lipsync.config import Preset, get_preset
 from lipsync.models.unet import UNet3D
-from lipsync.models.vae import Vae, load_vae, random_vae
+from lipsync.models.vae import SD_VAE_FT_MSE_CONFIG, TINY_VAE_CONFIG, Vae, load_vae, random_vae
 from lipsync.models.whisper import WhisperDims, WhisperEncoder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -61,15 +61,21 @@ def load_models(
     root: Path | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
+    random_weights: bool = False,
 ) -> ModelBundle:
-    """All models of ``preset`` on ``device``: U-Net and VAE in ``dtype``; Whisper in fp32."""
+    """All models of ``preset`` on ``device``: U-Net and VAE in ``dtype``; Whisper in fp32.
+
+    ``random_weights=True`` builds the preset's architecture with seeded random weights instead
+    of reading checkpoints: for timing (``lipsync bench``), never for real output.
+    """
     preset = preset if isinstance(preset, Preset) else get_preset(preset)
     device = torch.device(device)
     dtype = parse_dtype(dtype)
     start = time.perf_counter()
-    if preset.random_weights:
+    if preset.random_weights or random_weights:
+        vae_config = TINY_VAE_CONFIG if preset.random_weights else SD_VAE_FT_MSE_CONFIG
         unet = random_unet(preset.unet_config, seed=0, device=device, dtype=dtype)
-        vae = random_vae(seed=0, device=device, dtype=dtype)
+        vae = random_vae(vae_config, seed=0, device=device, dtype=dtype)
         audio = random_audio_encoder(seed=0, device=device)
     else:
         paths = require_checkpoints(preset, root)

@@ -100,13 +100,12 @@ def random_vae(
     config: dict[str, Any] | None = None, seed: int = 0, device="cpu", dtype=torch.float32
 ) -> Vae:
     """A VAE with seeded random weights (``tiny`` preset)."""
-    state = torch.random.get_rng_state()
-    try:
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = build_autoencoder(config or TINY_VAE_CONFIG)
-    finally:
-        torch.random.set_rng_state(state)
-    return Vae(model.to(device=device, dtype=dtype).eval().requires_grad_(False))
+        with device:
+            model = build_autoencoder(config or TINY_VAE_CONFIG)
+    return Vae(model.to(dtype=dtype).eval().requires_grad_(False))
 
 
 def rename_deprecated_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -147,3 +147,17 @@ def test_null_audio_shortcut_equals_computing_zero_audio(tiny_model, tiny_inputs
         zeros = tiny_model(s, t, torch.zeros_like(a))
     torch.testing.assert_close(shortcut, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(all_null, zeros, rtol=0, atol=1e-5)
+
+
+def test_temporal_attention_math_path_equals_sdpa(tiny_model, tiny_inputs):
+    from lipsync.models.transformer import TemporalAttention
+
+    s, t, a = (tiny_inputs[k] for k in ("sample", "timestep", "encoder_hidden_states"))
+    with torch.inference_mode():
+        math_path = tiny_model(s, t, a)
+        TemporalAttention.use_sdpa = True
+        try:
+            sdpa = tiny_model(s, t, a)
+        finally:
+            TemporalAttention.use_sdpa = False
+    torch.testing.assert_close(math_path, sdpa, rtol=1e-5, atol=1e-5)

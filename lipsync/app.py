@@ -15,8 +15,6 @@ from lipsync.config import PRESETS
 from lipsync.errors import LipSyncError
 from lipsync.pipeline import Progress
 
-STAGES = ("faces", "denoising", "encoding")
-
 
 class GradioProgress(Progress):
     """Maps pipeline stages onto one Gradio progress bar (faces 10%, denoising 85%, encoding)."""

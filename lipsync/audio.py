@@ -103,27 +103,25 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
 # log-mel spectrogram
 
 
+# Slaney mel scale (librosa ``htk=False``): linear below 1 kHz, logarithmic above.
+_MEL_F_SP = 200.0 / 3.0  # Hz per mel in the linear part
+_MEL_MIN_LOG_HZ = 1000.0
+_MEL_MIN_LOG_MEL = _MEL_MIN_LOG_HZ / _MEL_F_SP
+_MEL_LOGSTEP = math.log(6.4) / 27.0
+
+
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
-    """Slaney mel scale (librosa ``htk=False``): linear below 1 kHz, logarithmic above."""
     f = np.asarray(f, dtype=np.float64)
-    f_sp = 200.0 / 3.0
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = math.log(6.4) / 27.0
-    mel = f / f_sp
-    log_part = min_log_mel + np.log(np.maximum(f, min_log_hz) / min_log_hz) / logstep
-    return np.where(f >= min_log_hz, log_part, mel)
+    log_part = _MEL_MIN_LOG_MEL + np.log(np.maximum(f, _MEL_MIN_LOG_HZ) / _MEL_MIN_LOG_HZ) / (
+        _MEL_LOGSTEP
+    )
+    return np.where(f >= _MEL_MIN_LOG_HZ, log_part, f / _MEL_F_SP)
 
 
 def _mel_to_hz(m: np.ndarray) -> np.ndarray:
     m = np.asarray(m, dtype=np.float64)
-    f_sp = 200.0 / 3.0
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = math.log(6.4) / 27.0
-    hz = f_sp * m
-    log_part = min_log_hz * np.exp(logstep * (m - min_log_mel))
-    return np.where(m >= min_log_mel, log_part, hz)
+    log_part = _MEL_MIN_LOG_HZ * np.exp(_MEL_LOGSTEP * (m - _MEL_MIN_LOG_MEL))
+    return np.where(m >= _MEL_MIN_LOG_MEL, log_part, _MEL_F_SP * m)
 
 
 @lru_cache(maxsize=8)

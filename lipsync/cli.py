@@ -6,6 +6,7 @@ exit non-zero; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -122,7 +123,7 @@ def run(
         force=force, crf=crf, min_face_size=min_face_size, loop_video=loop,
     )  # fmt: skip
     options.validate()
-    with console.status(f"loading {preset} models", spinner="dots") if not quiet else _null():
+    with console.status(f"loading {preset} models") if not quiet else contextlib.nullcontext():
         ls = LipSync.from_pretrained(preset, device=device, dtype=dtype, checkpoint_dir=dir)
     with RichProgress(enabled=not quiet and not as_json) as progress:
         report = ls.run(video, audio, output, progress=progress, **_as_kwargs(options))
@@ -136,14 +137,6 @@ def _as_kwargs(options) -> dict:
     from dataclasses import asdict
 
     return asdict(options)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _print_summary(report) -> None:

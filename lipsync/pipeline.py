@@ -127,7 +127,6 @@ class FaceTrackResult:
     matrices: np.ndarray  # (n_video, 2, 3) float32; NaN rows where no usable face
     usable: np.ndarray  # (n_video,) bool
     status: list[FrameStatus]
-    summary: str
 
 
 class LipSyncPipeline:
@@ -167,7 +166,7 @@ class LipSyncPipeline:
             valid = np.stack([p for p in points if p is not None]).astype(np.float32)
             matrices[usable] = estimate_transforms(valid, self.resolution, smooth=True)
         require_faces(_TrackView(report))
-        return FaceTrackResult(matrices, usable, status, report.summary())
+        return FaceTrackResult(matrices, usable, status)
 
     # -- the run -------------------------------------------------------------------------
 

@@ -206,11 +206,16 @@ def make_video(
     return path
 
 
-def _encode_audio(out: av.container.OutputContainer, stream, wav: np.ndarray, rate: int) -> None:
+def _encode_audio(
+    out: av.container.OutputContainer, stream, wav: np.ndarray, rate: int, channels: int = 1
+) -> None:
+    """Encode mono ``wav`` into ``stream``, copied to ``channels`` identical channels."""
     step = 4096
+    layout = "mono" if channels == 1 else "stereo"
     for s in range(0, len(wav), step):
-        chunk = np.ascontiguousarray(wav[s : s + step][None, :], dtype=np.float32)
-        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+        chunk = np.repeat(wav[None, s : s + step], channels, axis=0)
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
         frame.sample_rate = rate
         frame.pts = s
         frame.time_base = Fraction(1, rate)
@@ -257,20 +262,7 @@ def make_audio(
             image = av.VideoFrame.from_ndarray(quadrants((32, 32)), format="rgb24")
             for packet in [*pic.encode(image), *pic.encode(None)]:
                 out.mux(packet)
-        if channels == 1:
-            _encode_audio(out, stream, wav, sample_rate)
-        else:
-            for s in range(0, len(wav), 4096):
-                chunk = np.repeat(wav[None, s : s + 4096], channels, axis=0)
-                frame = av.AudioFrame.from_ndarray(
-                    np.ascontiguousarray(chunk), format="fltp", layout=layout
-                )
-                frame.sample_rate = sample_rate
-                frame.pts = s
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-            for packet in stream.encode(None):
-                out.mux(packet)
+        _encode_audio(out, stream, wav, sample_rate, channels)
     return path
 
 

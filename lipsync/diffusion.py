@@ -91,10 +91,16 @@ class ChunkDenoiser:
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + now - start
         return now
 
-    def _encode(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        # images (f, 3, r, r) -> latents (1, 4, f, r/8, r/8)
-        z = self.vae.encode(images, generator=generator, sample=self.options.sample_posterior)
-        return z.permute(1, 0, 2, 3)[None].to(self.dtype)
+    def _encode(
+        self, images: torch.Tensor, generators: list[torch.Generator | None]
+    ) -> torch.Tensor:
+        # images (B, f, 3, r, r) -> latents (B, 4, f, r/8, r/8); one posterior draw per chunk
+        # from that chunk's generator, so a chunk's result does not depend on its batch-mates.
+        z = [
+            self.vae.encode(chunk, generator=g, sample=self.options.sample_posterior)
+            for chunk, g in zip(images, generators, strict=True)
+        ]
+        return torch.stack(z).permute(0, 2, 1, 3, 4).to(self.dtype)
 
     @torch.inference_mode()
     def __call__(
@@ -102,33 +108,47 @@ class ChunkDenoiser:
         faces: torch.Tensor,
         audio: torch.Tensor,
         noise: torch.Tensor,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator | None] | None = None,
         on_step=None,
     ) -> torch.Tensor:
-        """faces (f, 3, r, r) in [-1, 1]; audio (f, 50, 384); noise (1, 4, f, r/8, r/8)
-        -> faces (f, 3, r, r) in [-1, 1] with the masked region regenerated."""
-        f = faces.shape[0]
+        """One chunk or a batch of B chunks of equal length f.
+
+        faces (f, 3, r, r) or (B, f, 3, r, r) in [-1, 1]; audio (f, 50, 384) or (B, f, 50, 384);
+        noise (1 or B, 4, f, r/8, r/8); generator: one, or a list of B (VAE posterior draws)
+        -> faces shaped like the input, in [-1, 1], with the masked region regenerated.
+        Batching chunks changes nothing but speed: each chunk's math is its own.
+        """
+        single = faces.ndim == 4
+        if single:
+            faces, audio = faces[None], audio[None]
+        b, f = faces.shape[:2]
         if not 1 <= f <= MAX_FRAMES:
             raise ValueError(f"a chunk holds 1..{MAX_FRAMES} frames, got {f}")
-        if audio.shape[0] != f or noise.shape[2] != f:
-            raise ValueError(f"faces ({f}), audio ({audio.shape[0]}) and noise frame counts differ")
+        if audio.shape[:2] != (b, f) or noise.shape[2] != f or noise.shape[0] not in (1, b):
+            raise ValueError(
+                f"faces {tuple(faces.shape[:2])}, audio {tuple(audio.shape[:2])} and noise "
+                f"{tuple(noise.shape)} chunk/frame counts differ"
+            )
+        generators = generator if isinstance(generator, list) else [generator] * b
+        if len(generators) != b:
+            raise ValueError(f"{len(generators)} generators for {b} chunks")
         opts = self.options
         faces = faces.to(self.device, torch.float32)
         keep = self.mask[None, None]  # (1, 1, r, r)
         masked = faces * keep
         clock = self._mark(None, time.perf_counter())
-        masked_latents = self._encode(masked, generator)
-        ref_latents = self._encode(faces, generator)
+        masked_latents = self._encode(masked, generators)
+        ref_latents = self._encode(faces, generators)
         clock = self._mark("vae_encode", clock)
         h = masked_latents.shape[-1]
         mask_latent = F.interpolate(keep, size=(h, h))  # nearest, like the reference
-        mask_latent = mask_latent[:, :, None].expand(1, 1, f, h, h).to(self.dtype)
+        mask_latent = mask_latent[:, :, None].expand(b, 1, f, h, h).to(self.dtype)
 
         cfg = opts.guidance > 1.0
-        audio = audio.to(self.device, self.dtype)
-        # With CFG the batch is [unconditional, conditional]; the unconditional clip's all-zero
-        # audio is not materialised (the U-Net adds the cross-attention bias instead).
-        null_clips = 1 if cfg else 0
+        audio = audio.to(self.device, self.dtype).reshape(b * f, *audio.shape[2:])
+        # With CFG the batch is [B unconditional, B conditional]; the unconditional clips'
+        # all-zero audio is not materialised (the U-Net adds the cross-attention bias instead).
+        null_clips = b if cfg else 0
         cond = torch.cat([mask_latent, masked_latents, ref_latents], dim=1)
         if cfg:
             cond = torch.cat([cond, cond])
@@ -142,7 +162,8 @@ class ChunkDenoiser:
         if "generator" in step_params:
             step_kwargs["generator"] = generator
 
-        latents = (noise.to(self.device, self.dtype) * scheduler.init_noise_sigma).contiguous()
+        noise = noise.to(self.device, self.dtype).expand(b, *noise.shape[1:])
+        latents = (noise * scheduler.init_noise_sigma).contiguous()
         for i, t in enumerate(scheduler.timesteps):
             model_in = torch.cat([latents, latents]) if cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
@@ -155,7 +176,8 @@ class ChunkDenoiser:
                 on_step(i + 1, len(scheduler.timesteps))
 
         clock = self._mark("unet", clock)
-        decoded = self.vae.decode(latents[0].permute(1, 0, 2, 3)).float()  # (f, 3, r, r)
+        flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, 4, h, h)  # (B·f, 4, h, h)
+        decoded = self.vae.decode(flat).float().reshape(faces.shape)  # (B, f, 3, r, r)
         out = decoded * (1 - keep) + faces * keep
         self._mark("vae_decode", clock)
-        return out
+        return out[0] if single else out

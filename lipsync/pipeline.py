@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from lipsync.audio import frame_windows
-from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
+from lipsync.diffusion import DenoiseOptions
+from lipsync.engine import LocalEngine, SyncEngine
 from lipsync.errors import AudioError, ConfigError, VideoError
 from lipsync.face.align import crops_to_model_input, estimate_transforms, restore, warp_faces
 from lipsync.face.detect import MediaPipeDetector
@@ -130,11 +131,18 @@ class FaceTrackResult:
 
 
 class LipSyncPipeline:
-    """Runs the stages above with one set of loaded models (reusable across runs)."""
+    """Runs the stages above with one engine (reusable across runs).
 
-    def __init__(self, models: ModelBundle):
-        self.models = models
-        self.resolution = models.preset.resolution
+    ``engine``: loaded models (:class:`ModelBundle`, run in this process) or any
+    :class:`lipsync.engine.SyncEngine` (e.g. a Triton client).
+    """
+
+    def __init__(self, engine: ModelBundle | SyncEngine):
+        if isinstance(engine, ModelBundle):
+            engine = LocalEngine(engine)
+        self.engine = engine
+        self.models: ModelBundle | None = getattr(engine, "models", None)  # local engines only
+        self.resolution = engine.resolution
 
     # -- stage helpers -------------------------------------------------------------------
 
@@ -236,27 +244,23 @@ class LipSyncPipeline:
             return options.x264_preset
         # Measured on the H100 machine (16 cores), 1080p: medium 36-54 frames/s, veryfast
         # 89-118 (docs/PERFORMANCE.md); with a GPU the encoder must keep up with the model.
-        return "veryfast" if self.models.device.type == "cuda" else "medium"
+        return "veryfast" if self.engine.device.type == "cuda" else "medium"
 
     def _new_report(self, options: RunOptions) -> RunReport:
-        m = self.models
+        e = self.engine
         seed = options.seed if options.seed is not None else int(torch.seed() % 2**31)
         return RunReport(
-            output=None,
-            preset=m.preset.name,
-            device=str(m.device),
-            dtype=str(m.dtype).removeprefix("torch."),
-            seed=seed,
+            output=None, preset=e.preset_name, device=str(e.device), dtype=e.dtype_name, seed=seed
         )
 
     def _run(self, frames, wav, open_sink, options, progress, report: RunReport):
         progress = progress or Progress()
-        m = self.models
-        mask = self._mask(options)
+        engine = self.engine
+        mask = self._mask(options).to(engine.device)
 
         # audio -> one window per output frame
         t = time.perf_counter()
-        features = m.audio.lazy_features(wav)  # computed 30 s at a time, as chunks need them
+        features = engine.lazy_features(wav)  # computed 30 s at a time, as chunks need them
         n_out = frames_for_audio(len(wav), FPS, SAMPLE_RATE)
         report.audio_seconds = len(wav) / SAMPLE_RATE
         report.seconds["audio"] = time.perf_counter() - t
@@ -280,12 +284,7 @@ class LipSyncPipeline:
         # pass 2: denoise, restore, encode
         t = time.perf_counter()
         audio_out = wav[: audio_samples_for_frames(n_out, FPS, SAMPLE_RATE)]
-        denoiser = ChunkDenoiser(
-            m.unet, m.vae, mask,
-            DenoiseOptions(options.steps, options.guidance, options.scheduler),
-        )  # fmt: skip
-        generator = torch.Generator(device=m.device).manual_seed(report.seed)
-        noise = initial_noise(1, self.resolution // 8, generator, m.device, m.dtype)
+        denoise_options = DenoiseOptions(options.steps, options.guidance, options.scheduler)
         progress.start("denoising", n_out)
         sink = open_sink(audio_out)
         try:
@@ -296,12 +295,13 @@ class LipSyncPipeline:
                 if usable.any():
                     windows = frame_windows(features, FPS, start=start, stop=start + len(idx))
                     chunk = self._sync_chunk(
-                        chunk, track.matrices[idx], usable, windows, denoiser, noise, generator
-                    )
+                        chunk, track.matrices[idx], usable, windows, mask, denoise_options,
+                        seed=report.seed, chunk_index=start // options.chunk_frames,
+                    )  # fmt: skip
                     report.frames_with_face += int(usable.sum())
-                if m.device.type == "cuda" and isinstance(sink, VideoWriter):
+                if engine.device.type == "cuda" and isinstance(sink, VideoWriter):
                     # colour conversion on the GPU: the CPU encoder then only runs x264
-                    sink.write(rgb_to_yuv420(torch.from_numpy(chunk).to(m.device)))
+                    sink.write(rgb_to_yuv420(torch.from_numpy(chunk).to(engine.device)))
                 else:
                     sink.write(chunk)
                 progress.advance("denoising", len(idx))
@@ -323,16 +323,15 @@ class LipSyncPipeline:
         report.frames_without_face = n_out - report.frames_with_face
         return result
 
-    def _sync_chunk(self, frames, matrices, usable, windows, denoiser, noise, generator):
+    def _sync_chunk(self, frames, matrices, usable, windows, mask, options, seed, chunk_index):
         """frames (n, H, W, 3) uint8 -> the same frames with the usable faces re-synthesised."""
         sel = np.flatnonzero(usable)
         mats = matrices[sel]
-        dev = self.models.device
+        dev = self.engine.device
         src = torch.from_numpy(frames[sel]).to(dev)
         crops = warp_faces(src, mats, self.resolution)
         faces = crops_to_model_input(crops, self.resolution)  # (k, 3, r, r) in [-1, 1]
-        chunk_noise = noise.expand(1, 4, len(sel), *noise.shape[-2:])
-        synced = denoiser(faces, windows[sel], chunk_noise, generator)
+        synced = self.engine.denoise(faces, windows[sel], mask, seed, chunk_index, options)
         restored = restore(src, synced, mats, resolution=self.resolution)
         out = frames.copy()
         out[sel] = restored.cpu().numpy() if isinstance(restored, torch.Tensor) else restored

@@ -54,12 +54,15 @@ class LipSync:
         dtype: str | torch.dtype | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         cpu_threads: int | None = None,
+        compile: str = "none",
     ) -> LipSync:
         """Load a preset (``"1.6"``, ``"1.5"`` or ``"tiny"``) from the ``lipsync download`` cache.
 
         ``device`` defaults to CUDA when available; ``dtype`` to fp16 on CUDA and fp32 on the
         CPU. On the CPU, torch uses all cores but one (``cpu_threads``), leaving one for the
-        decoder and encoder threads that run beside the model.
+        decoder and encoder threads that run beside the model. ``compile``: ``none``,
+        ``regional`` or ``full`` (:func:`lipsync.accel.compile.compile_unet`; on CUDA,
+        ``regional`` makes a U-Net call 1.6× faster after about two minutes of compiling).
         """
         dev = torch.device(device) if device is not None else _default_device()
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -70,7 +73,12 @@ class LipSync:
         if dev.type == "cpu":
             torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         root = Path(checkpoint_dir).expanduser() if checkpoint_dir else None
-        return cls(LipSyncPipeline(load_models(version, root, dev, dt)))
+        models = load_models(version, root, dev, dt)
+        if compile != "none":
+            from lipsync.accel.compile import compile_unet
+
+            models.unet = compile_unet(models.unet, compile)
+        return cls(LipSyncPipeline(models))
 
     def run(
         self,

@@ -113,6 +113,13 @@ def run(
         bool, typer.Option(help="Loop the video ping-pong when the audio is longer.")
     ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    face_cache: Annotated[
+        Path | None,
+        typer.Option(help="Folder that keeps each video's face track for later runs on it."),
+    ] = None,
+    compile: Annotated[
+        str, typer.Option(help="torch.compile the U-Net: none, regional, full (CUDA: pays off).")
+    ] = "none",
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write the result to --output."""
     from lipsync.api import LipSync
@@ -121,10 +128,13 @@ def run(
     options = RunOptions(
         steps=steps, guidance=guidance, seed=seed, mask_path=str(mask) if mask else None,
         force=force, crf=crf, min_face_size=min_face_size, loop_video=loop,
+        face_cache=str(face_cache) if face_cache else None,
     )  # fmt: skip
     options.validate()
     with console.status(f"loading {preset} models") if not quiet else contextlib.nullcontext():
-        ls = LipSync.from_pretrained(preset, device=device, dtype=dtype, checkpoint_dir=dir)
+        ls = LipSync.from_pretrained(
+            preset, device=device, dtype=dtype, checkpoint_dir=dir, compile=compile
+        )
     with RichProgress(enabled=not quiet and not as_json) as progress:
         report = ls.run(video, audio, output, progress=progress, **_as_kwargs(options))
     if as_json:

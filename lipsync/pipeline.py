@@ -32,6 +32,7 @@ from lipsync.diffusion import DenoiseOptions
 from lipsync.engine import LocalEngine, SyncEngine
 from lipsync.errors import AudioError, ConfigError, VideoError
 from lipsync.face.align import crops_to_model_input, estimate_transforms, restore, warp_faces
+from lipsync.face.cache import load_track, save_track, track_key
 from lipsync.face.detect import MediaPipeDetector
 from lipsync.face.mask import load_mask, make_mask
 from lipsync.face.track import DEFAULT_MIN_FACE_SIZE, FrameStatus, require_faces
@@ -69,6 +70,7 @@ class RunOptions:
     codec: str = "auto"  # auto: NVENC when available, else libx264
     max_duration_s: float = DEFAULT_MAX_DURATION_S
     force: bool = False
+    face_cache: str | None = None  # folder: reuse each video's face track (lipsync.face.cache)
 
     def validate(self) -> None:
         DenoiseOptions(self.steps, self.guidance, self.scheduler).validate()
@@ -156,16 +158,18 @@ class LipSyncPipeline:
     ) -> FaceTrackResult:
         """Pass 1: the face to edit in each of the first ``num_frames`` frames, and its matrix."""
         progress.start("faces", num_frames)
-        points: list[np.ndarray | None] = []
-        status: list[FrameStatus] = []
-        with MediaPipeDetector(min_face_size=options.min_face_size) as detector:
-            for batch in frames.batches(num_frames):
-                for observations in detector.detect_all(batch):
-                    step = detector.tracker.update(observations)
-                    points.append(step.face.points3 if step.face is not None else None)
-                    status.append(step.status)
-                progress.advance("faces", len(batch))
-            report = detector.report
+        entry = cached = None
+        if options.face_cache and isinstance(frames, FileFrames):
+            key = track_key(frames.path, num_frames, options.min_face_size)
+            entry = Path(options.face_cache).expanduser() / f"{key}.npz"
+            cached = load_track(entry)
+        if cached is not None:
+            points, status, report = cached
+            progress.advance("faces", num_frames)
+        else:
+            points, status, report = self._detect(frames, num_frames, options, progress)
+            if entry is not None:
+                save_track(entry, points, status, report)
         progress.finish("faces")
         n = len(points)
         usable = np.array([p is not None for p in points], dtype=bool)
@@ -175,6 +179,19 @@ class LipSyncPipeline:
             matrices[usable] = estimate_transforms(valid, self.resolution, smooth=True)
         require_faces(_TrackView(report))
         return FaceTrackResult(matrices, usable, status)
+
+    @staticmethod
+    def _detect(frames: VideoFrames, num_frames: int, options: RunOptions, progress: Progress):
+        points: list[np.ndarray | None] = []
+        status: list[FrameStatus] = []
+        with MediaPipeDetector(min_face_size=options.min_face_size) as detector:
+            for batch in frames.batches(num_frames):
+                for observations in detector.detect_all(batch):
+                    step = detector.tracker.update(observations)
+                    points.append(step.face.points3 if step.face is not None else None)
+                    status.append(step.status)
+                progress.advance("faces", len(batch))
+            return points, status, detector.report
 
     # -- the run -------------------------------------------------------------------------
 

@@ -241,3 +241,34 @@ def test_ctrl_c_leaves_no_partial_output(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-1000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_face_cache_skips_tracking_and_gives_the_same_output(
+    tmp_path, small_demo_frames, monkeypatch
+):
+    import lipsync.pipeline as pipeline_module
+    from lipsync import LipSync
+    from lipsync.face.cache import track_key
+
+    video = face_clip(tmp_path / "v.mp4", small_demo_frames[:20], seconds=0.8)
+    audio = make_audio(tmp_path / "a.wav", signal=speechlike(0.8))
+    cache = tmp_path / "faces"
+    ls = LipSync.from_pretrained("tiny", device="cpu")
+    first = ls.run(video, audio, tmp_path / "1.mp4", steps=1, face_cache=str(cache))
+    entries = list(cache.glob("*.npz"))
+    assert [p.stem for p in entries] == [track_key(video, 20, 64)]
+
+    class NoDetector:
+        def __init__(self, *a, **k):
+            raise AssertionError("face tracking ran although the track was cached")
+
+    monkeypatch.setattr(pipeline_module, "MediaPipeDetector", NoDetector)
+    second = ls.run(video, audio, tmp_path / "2.mp4", steps=1, face_cache=str(cache))
+    assert second.frames_with_face == first.frames_with_face == 20
+    assert np.array_equal(read_frames(tmp_path / "1.mp4"), read_frames(tmp_path / "2.mp4"))
+    # a different video (or setting) is a different entry: tracking would run again
+    other = face_clip(tmp_path / "w.mp4", small_demo_frames[20:40], seconds=0.8)
+    assert track_key(other, 20, 64) != track_key(video, 20, 64)
+    assert track_key(video, 20, 80) != track_key(video, 20, 64)
+    with pytest.raises(AssertionError, match="face tracking ran"):
+        ls.run(other, audio, tmp_path / "3.mp4", steps=1, face_cache=str(cache))

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lipsync.errors import LipSyncError
+from lipsync.serving.cli import serve_app
 
 app = typer.Typer(
     name="lipsync",
@@ -27,6 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+app.add_typer(serve_app, name="serve")
 
 
 class RichProgress:

@@ -55,3 +55,7 @@ def demo_source_frames(n: int):
             if len(out) == n:
                 break
     return np.stack(out)
+
+
+# The job-service fixtures (real PostgreSQL, moto S3, short face clips): tests/serving_fixtures.py
+from serving_fixtures import moto_server_url, postgres_server, serving_media  # noqa: E402, F401

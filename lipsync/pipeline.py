@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lipsync.accel.fp8 import has_fp8
 from lipsync.audio import frame_windows
 from lipsync.diffusion import DenoiseOptions
 from lipsync.engine import LocalEngine, SyncEngine
@@ -71,9 +72,23 @@ class RunOptions:
     max_duration_s: float = DEFAULT_MAX_DURATION_S
     force: bool = False
     face_cache: str | None = None  # folder: reuse each video's face track (lipsync.face.cache)
+    # Speed/quality mode (lipsync.diffusion.MODES: exact, fast); the fields below override the
+    # mode's setting when not None.
+    mode: str = "exact"
+    cache_interval: int | None = None  # DeepCache: full U-Net every n-th step
+    cache_branch: int | None = None  # DeepCache skip branch (0 = shallowest)
+    guidance_steps: float | None = None  # share of the steps (from the first) that use CFG
+
+    def denoise_options(self) -> DenoiseOptions:
+        """The model-side options this run implies (mode preset + explicit overrides)."""
+        return DenoiseOptions.for_mode(
+            self.mode, steps=self.steps, guidance=self.guidance, scheduler=self.scheduler,
+            cache_interval=self.cache_interval, cache_branch=self.cache_branch,
+            guidance_steps=self.guidance_steps,
+        )  # fmt: skip
 
     def validate(self) -> None:
-        DenoiseOptions(self.steps, self.guidance, self.scheduler).validate()
+        self.denoise_options().validate()
         if not 1 <= self.chunk_frames <= 24:
             raise ConfigError(f"chunk_frames must be 1..24, got {self.chunk_frames}")
         if self.min_face_size < 1:
@@ -98,6 +113,9 @@ class RunReport:
     audio_seconds: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    mode: str = "exact"
+    denoise: dict = field(default_factory=dict)  # the DenoiseOptions the mode and flags imply
+    fp8: bool = False  # the U-Net's big linear layers run in FP8
 
     @property
     def fps(self) -> float:
@@ -160,16 +178,16 @@ class LipSyncPipeline:
         progress.start("faces", num_frames)
         entry = cached = None
         if options.face_cache and isinstance(frames, FileFrames):
-            key = track_key(frames.path, num_frames, options.min_face_size)
+            key = track_key(frames.path, options.min_face_size)
             entry = Path(options.face_cache).expanduser() / f"{key}.npz"
-            cached = load_track(entry)
+            cached = load_track(entry, num_frames)
         if cached is not None:
             points, status, report = cached
             progress.advance("faces", num_frames)
         else:
             points, status, report = self._detect(frames, num_frames, options, progress)
             if entry is not None:
-                save_track(entry, points, status, report)
+                save_track(entry, points, status, report, complete=len(points) < num_frames)
         progress.finish("faces")
         n = len(points)
         usable = np.array([p is not None for p in points], dtype=bool)
@@ -266,9 +284,13 @@ class LipSyncPipeline:
     def _new_report(self, options: RunOptions) -> RunReport:
         e = self.engine
         seed = options.seed if options.seed is not None else int(torch.seed() % 2**31)
-        return RunReport(
-            output=None, preset=e.preset_name, device=str(e.device), dtype=e.dtype_name, seed=seed
+        fp8 = bool(getattr(e, "fp8", False)) or (
+            self.models is not None and has_fp8(self.models.unet)
         )
+        return RunReport(
+            output=None, preset=e.preset_name, device=str(e.device), dtype=e.dtype_name, seed=seed,
+            mode=options.mode, denoise=options.denoise_options().as_dict(), fp8=fp8,
+        )  # fmt: skip
 
     def _run(self, frames, wav, open_sink, options, progress, report: RunReport):
         progress = progress or Progress()
@@ -301,7 +323,7 @@ class LipSyncPipeline:
         # pass 2: denoise, restore, encode
         t = time.perf_counter()
         audio_out = wav[: audio_samples_for_frames(n_out, FPS, SAMPLE_RATE)]
-        denoise_options = DenoiseOptions(options.steps, options.guidance, options.scheduler)
+        denoise_options = options.denoise_options()
         progress.start("denoising", n_out)
         sink = open_sink(audio_out)
         try:
@@ -309,6 +331,9 @@ class LipSyncPipeline:
                 idx = source_index[start : start + options.chunk_frames]
                 chunk = frames.get(idx)
                 usable = track.usable[idx]
+                on_gpu = engine.device.type == "cuda" and isinstance(sink, VideoWriter)
+                if on_gpu:  # the frames go to the GPU once and come back as YUV 4:2:0
+                    chunk = torch.from_numpy(chunk).to(engine.device)
                 if usable.any():
                     windows = frame_windows(features, FPS, start=start, stop=start + len(idx))
                     chunk = self._sync_chunk(
@@ -316,9 +341,8 @@ class LipSyncPipeline:
                         seed=report.seed, chunk_index=start // options.chunk_frames,
                     )  # fmt: skip
                     report.frames_with_face += int(usable.sum())
-                if engine.device.type == "cuda" and isinstance(sink, VideoWriter):
-                    # colour conversion on the GPU: the CPU encoder then only runs x264
-                    sink.write(rgb_to_yuv420(torch.from_numpy(chunk).to(engine.device)))
+                if on_gpu:  # colour conversion on the GPU: the CPU encoder then only runs x264
+                    sink.write(rgb_to_yuv420(chunk))
                 else:
                     sink.write(chunk)
                 progress.advance("denoising", len(idx))
@@ -341,15 +365,21 @@ class LipSyncPipeline:
         return result
 
     def _sync_chunk(self, frames, matrices, usable, windows, mask, options, seed, chunk_index):
-        """frames (n, H, W, 3) uint8 -> the same frames with the usable faces re-synthesised."""
+        """frames (n, H, W, 3) uint8, a numpy array or a tensor on the engine's device -> the
+        same frames (same kind) with the usable faces re-synthesised."""
         sel = np.flatnonzero(usable)
         mats = matrices[sel]
         dev = self.engine.device
-        src = torch.from_numpy(frames[sel]).to(dev)
+        on_device = isinstance(frames, torch.Tensor)
+        src = frames[torch.from_numpy(sel).to(dev)] if on_device else torch.from_numpy(frames[sel])
+        src = src.to(dev)
         crops = warp_faces(src, mats, self.resolution)
         faces = crops_to_model_input(crops, self.resolution)  # (k, 3, r, r) in [-1, 1]
         synced = self.engine.denoise(faces, windows[sel], mask, seed, chunk_index, options)
         restored = restore(src, synced, mats, resolution=self.resolution)
+        if on_device:
+            frames[torch.from_numpy(sel).to(dev)] = restored
+            return frames
         out = frames.copy()
         out[sel] = restored.cpu().numpy() if isinstance(restored, torch.Tensor) else restored
         return out

@@ -33,3 +33,15 @@ def compile_unet(unet: nn.Module, mode: str = "regional") -> nn.Module:
         return unet
     inductor_mode = "reduce-overhead" if mode == "full-cudagraphs" else "default"
     return torch.compile(unet, mode=inductor_mode, dynamic=False)
+
+
+def compile_vae(vae: nn.Module, mode: str = "regional") -> nn.Module:
+    """Compile the VAE's encoder and decoder in place (``regional``) or not (``none``)."""
+    if mode not in ("none", "regional"):
+        raise ConfigError(f"unknown VAE compile mode {mode!r}; choose none or regional")
+    if mode == "regional":
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        ae = vae.autoencoder
+        for part in (ae.encoder, ae.decoder):
+            part.compile(dynamic=False)
+    return vae

@@ -4,18 +4,19 @@ A common workload is one presenter video lip-synced to many audio tracks; face t
 FaceMesh on the CPU) is then the same work every time. With ``RunOptions.face_cache`` set to a
 folder, the tracked face points of each video are stored there as ``<key>.npz`` and read back.
 
-The key is the SHA-256 of the video file's bytes plus everything the track depends on (frame
-count, minimum face size, the detector and the file format version), so an edited video or a
-changed setting never reads a stale entry. Entries are written atomically (temp file + rename).
-What is stored is resolution-independent: the 3 alignment points per frame, each frame's
-status and the tracker's report; matrices are computed from them for the model's resolution.
+The key is the SHA-256 of the video file's bytes plus everything the track depends on (minimum
+face size, the detector and the file format version), so an edited video or a changed setting
+never reads a stale entry. An entry holds the first N frames' track; a run that needs more
+frames than that tracks again and replaces it (tracking is sequential: frame i depends only on
+frames before it, so a prefix of a longer track is the shorter track). Entries are written
+atomically (temp file + rename). What is stored is resolution-independent: the 3 alignment
+points and the status of each frame; matrices are computed from them for the model's size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,13 @@ FORMAT_VERSION = 1
 DETECTOR = "mediapipe-facemesh-0.10.21"
 
 
-def track_key(video_path: str | os.PathLike, num_frames: int, min_face_size: int) -> str:
-    """Cache key of the face track of the first ``num_frames`` frames of ``video_path``."""
+def track_key(video_path: str | os.PathLike, min_face_size: int) -> str:
+    """Cache key of the face track of ``video_path``."""
     h = hashlib.sha256()
     with open(video_path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    h.update(f"|{num_frames}|{min_face_size}|{DETECTOR}|v{FORMAT_VERSION}".encode())
+    h.update(f"|{min_face_size}|{DETECTOR}|v{FORMAT_VERSION}".encode())
     return h.hexdigest()
 
 
@@ -41,15 +42,16 @@ def save_track(
     points: list[np.ndarray | None],
     status: list[FrameStatus],
     report: TrackReport,
+    complete: bool = False,
 ) -> Path:
-    """points: per frame a (3, 2) array of alignment points or None (no usable face)."""
+    """points: per frame a (3, 2) array of alignment points or None (no usable face);
+    ``complete``: the track reaches the video's last frame."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.full((len(points), 3, 2), np.nan, dtype=np.float64)
     for i, p in enumerate(points):
         if p is not None:
             arr[i] = p
-    report_values = np.array([getattr(report, f.name) for f in fields(report)], dtype=np.int64)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -57,8 +59,9 @@ def save_track(
                 f,
                 points=arr,
                 status=np.array([s.value for s in status]),
-                report_fields=np.array([f.name for f in fields(report)]),
-                report_values=report_values,
+                min_face_size=np.int64(report.min_face_size),
+                other_faces=np.int64(report.other_faces),
+                complete=np.bool_(complete),
             )
         os.replace(tmp, path)
     finally:
@@ -67,20 +70,24 @@ def save_track(
 
 
 def load_track(
-    path: str | os.PathLike,
+    path: str | os.PathLike, num_frames: int
 ) -> tuple[list[np.ndarray | None], list[FrameStatus], TrackReport] | None:
-    """What :func:`save_track` stored, or None if the entry is missing or unreadable."""
+    """The first ``num_frames`` frames of what :func:`save_track` stored, or None when the entry
+    is missing, unreadable, or shorter than that without reaching the video's end. The report
+    is recounted for those frames (``other_faces`` is the stored track's count)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arr = z["points"]
             status = [FrameStatus(s) for s in z["status"].tolist()]
-            values = dict(
-                zip(z["report_fields"].tolist(), z["report_values"].tolist(), strict=True)
-            )
+            report = TrackReport(min_face_size=int(z["min_face_size"]))
+            report.other_faces = int(z["other_faces"])
+            complete = bool(z["complete"])
     except (OSError, KeyError, ValueError):
         return None
-    known = {f.name for f in fields(TrackReport)}
-    if set(values) != known or len(status) != len(arr):
+    if len(status) != len(arr) or (len(arr) < num_frames and not complete):
         return None
-    points = [None if np.isnan(p).any() else p for p in arr]
-    return points, status, TrackReport(**values)
+    points = [None if np.isnan(p).any() else p for p in arr[:num_frames]]
+    status = status[:num_frames]
+    for s in status:
+        report.count(s)
+    return points, status, report

@@ -55,6 +55,7 @@ class LipSync:
         checkpoint_dir: str | os.PathLike | None = None,
         cpu_threads: int | None = None,
         compile: str = "none",
+        fp8: bool = False,
     ) -> LipSync:
         """Load a preset (``"1.6"``, ``"1.5"`` or ``"tiny"``) from the ``lipsync download`` cache.
 
@@ -63,6 +64,8 @@ class LipSync:
         decoder and encoder threads that run beside the model. ``compile``: ``none``,
         ``regional`` or ``full`` (:func:`lipsync.accel.compile.compile_unet`; on CUDA,
         ``regional`` makes a U-Net call 1.6× faster after about two minutes of compiling).
+        ``fp8``: run the U-Net's big linear layers in FP8 (:mod:`lipsync.accel.fp8`; CUDA with
+        compute capability ≥ 8.9 and a bf16/fp16 model, else a ConfigError; approximate).
         """
         dev = torch.device(device) if device is not None else _default_device()
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -73,11 +76,22 @@ class LipSync:
         if dev.type == "cpu":
             torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         root = Path(checkpoint_dir).expanduser() if checkpoint_dir else None
+        if fp8:
+            from lipsync.accel.fp8 import require_fp8_device
+
+            require_fp8_device(dev)  # before the minutes of loading
+            if dt not in (torch.bfloat16, torch.float16):
+                raise ConfigError("--fp8 needs --dtype bf16 or fp16")
         models = load_models(version, root, dev, dt)
+        if fp8:
+            from lipsync.accel.fp8 import convert_unet_to_fp8
+
+            convert_unet_to_fp8(models.unet)
         if compile != "none":
-            from lipsync.accel.compile import compile_unet
+            from lipsync.accel.compile import compile_unet, compile_vae
 
             models.unet = compile_unet(models.unet, compile)
+            compile_vae(models.vae, "regional")  # H100: VAE 26.5 -> 13.6 ms per frame
         return cls(LipSyncPipeline(models))
 
     def run(

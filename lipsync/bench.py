@@ -137,6 +137,31 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192) -> float | None:
     return 2 * n**3 / seconds / 1e12
 
 
+def unet_flops_by_call(unet: UNet3D, frames: int, latent: int, options, device, dtype) -> dict:
+    """FLOPs of each kind of U-Net call a denoising run with ``options`` makes:
+    ``{(guided, full): flops}`` (guided: the CFG batch of 2 clips; full: every layer, else
+    the shallow part a DeepCache step runs). Count before compiling (see bench_model)."""
+    from lipsync.models.unet import StepCache
+
+    counts = {}
+    with torch.inference_mode():
+        for guided, full in sorted(set(options.plan())):
+            batch = 2 if guided else 1
+            inp = make_unet_inputs(batch, frames, latent, device, dtype, null_clips=batch - 1)
+
+            def call(cache=None, inp=inp):
+                return unet(inp.sample, inp.timestep, inp.audio, inp.null_clips, cache=cache)
+
+            if full:
+                counts[(guided, full)] = count_flops(call)
+            else:
+                cache = StepCache(options.cache_branch)
+                call(cache)  # a full call stores the deep feature
+                cache.refresh = False
+                counts[(guided, full)] = count_flops(lambda cache=cache: call(cache))
+    return counts
+
+
 def bench_model(
     preset: str = "tiny",
     frames: int = 16,
@@ -148,39 +173,64 @@ def bench_model(
     chunks: int = 2,
     guidance: float = 1.5,
     random_weights: bool = False,
+    scheduler: str = "ddim",
+    cache_interval: int | None = None,
+    cache_branch: int | None = None,
+    guidance_steps: float | None = None,
+    fp8: bool = False,
 ) -> dict:
     """Synthetic-input benchmark of the model stages for ``chunks`` chunks of ``frames`` frames:
     VAE encode, the U-Net loop, VAE decode; per-frame milliseconds, frames/s, U-Net TFLOP/s
     and its share of the measured matrix peak, peak GPU memory. The first chunk (warm-up,
-    compilation) is reported separately and excluded from the rates."""
+    compilation) is reported separately and excluded from the rates.
+
+    ``mode`` (``exact``, ``fast``) and the explicit ``cache_interval`` / ``cache_branch`` /
+    ``guidance_steps`` / ``scheduler`` choose the denoising options (reported as ``denoise``);
+    ``fp8`` converts the U-Net's big linear layers (CUDA, capability ≥ 8.9). FLOPs are those the
+    loop really runs (cached steps count their shallow part only); ``unet_flop_share_of_exact``
+    compares them with the exact loop's."""
     from lipsync.accel.compile import compile_unet
     from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
-    from lipsync.errors import ConfigError
     from lipsync.face.mask import make_mask
     from lipsync.models.bundle import load_models
 
-    if mode != "exact":
-        raise ConfigError(f"mode {mode!r} is not implemented yet; only 'exact' is")
+    options = DenoiseOptions.for_mode(
+        mode, steps=steps, guidance=guidance, scheduler=scheduler, cache_interval=cache_interval,
+        cache_branch=cache_branch, guidance_steps=guidance_steps,
+    )  # fmt: skip
+    options.validate()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    if fp8:
+        from lipsync.accel.fp8 import require_fp8_device
+
+        require_fp8_device(dev)
     models = load_models(preset, device=dev, dtype=dt, random_weights=random_weights)
+    if fp8:
+        from lipsync.accel.fp8 import convert_unet_to_fp8
+
+        convert_unet_to_fp8(models.unet)
     res = models.preset.resolution
-    den = ChunkDenoiser(
-        models.unet, models.vae, torch.from_numpy(make_mask(res)), DenoiseOptions(steps, guidance)
-    )
+    den = ChunkDenoiser(models.unet, models.vae, torch.from_numpy(make_mask(res)), options)
     g = torch.Generator(device=dev).manual_seed(0)
     faces = torch.rand(frames, 3, res, res, device=dev, generator=g) * 2 - 1
     audio = torch.randn(frames, 50, 384, device=dev, generator=g)
     noise = initial_noise(frames, res // 8, g, dev, models.dtype)
 
-    batch = 2 if guidance > 1.0 else 1
-    inputs = make_unet_inputs(batch, frames, res // 8, dev, models.dtype, null_clips=batch - 1)
-    with torch.inference_mode():
-        flops_per_call = count_flops(
-            lambda: models.unet(inputs.sample, inputs.timestep, inputs.audio, inputs.null_clips)
-        )
-    # compile only after counting: a first call under the FLOP counter's dispatch mode would
-    # leave the compiled regions running eagerly
+    # FLOPs, counted before compiling: a first call under the FLOP counter's dispatch mode
+    # would leave the compiled regions running eagerly
+    exact = DenoiseOptions(steps, guidance, scheduler)
+    per_call = unet_flops_by_call(models.unet, frames, res // 8, exact, dev, models.dtype)
+    per_call |= unet_flops_by_call(models.unet, frames, res // 8, options, dev, models.dtype)
+    plan = options.plan()
+    flops_per_chunk = sum(per_call[step] for step in plan)
+    exact_flops_per_chunk = sum(per_call[step] for step in exact.plan())
+    flops_per_call = per_call[(guidance > 1.0, True)]  # one exact call
+    calls = {
+        f"{'guided' if gd else 'conditional'}_{'full' if fl else 'cached'}": plan.count((gd, fl))
+        for gd, fl in sorted(set(plan), reverse=True)
+    }
+
     compile_unet(models.unet, compile_mode)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -196,7 +246,7 @@ def bench_model(
     total = time.perf_counter() - t0
     n = frames * chunks
     unet_s = den.stage_seconds.get("unet", 0.0)
-    tflops = flops_per_call * steps * chunks / unet_s / 1e12 if unet_s else 0.0
+    tflops = flops_per_chunk * chunks / unet_s / 1e12 if unet_s else 0.0
     peak = matmul_peak_tflops(dev)
     return {
         "preset": preset,
@@ -204,17 +254,23 @@ def bench_model(
         "dtype": dt,
         "torch": torch.__version__,
         "mode": mode,
+        "denoise": options.as_dict(),
+        "exact": options.exact,
+        "fp8": fp8,
         "compile": compile_mode,
         "weights": "random" if random_weights or models.preset.random_weights else "official",
         "frames_per_chunk": frames,
         "steps": steps,
         "guidance": guidance,
+        "unet_calls_per_chunk": calls,
         "chunks_timed": chunks,
         "warmup_chunk_s": round(warmup_s, 3),
         "ms_per_frame": {k: round(v / n * 1e3, 2) for k, v in den.stage_seconds.items()},
         "model_fps": round(n / total, 2),
         "unet_loop_fps": round(n / unet_s, 2) if unet_s else None,
         "unet_gflop_per_call": round(flops_per_call / 1e9, 1),
+        "unet_gflop_per_chunk": round(flops_per_chunk / 1e9, 1),
+        "unet_flop_share_of_exact": round(flops_per_chunk / exact_flops_per_chunk, 3),
         "unet_tflops": round(tflops, 2),
         "matmul_peak_tflops": round(peak, 1) if peak else None,
         "unet_share_of_peak": round(tflops / peak, 3) if peak else None,

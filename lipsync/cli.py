@@ -82,6 +82,16 @@ class RichProgress:
         self._bars.update(task_id, completed=task.total)
 
 
+_MODE_HELP = (
+    "exact (the reference computation) or fast (DeepCache every 3rd step + guidance on the "
+    "first half of the steps; approximate, see docs/PERFORMANCE.md)."
+)
+_CACHE_INTERVAL_HELP = "DeepCache: full U-Net every N-th step (1: off). Overrides the mode's."
+_CACHE_BRANCH_HELP = "DeepCache skip branch (0: shallowest, fastest). Overrides the mode's."
+_GUIDANCE_STEPS_HELP = "Share of the steps, from the first, with guidance (1: all)."
+_FP8_HELP = "FP8 matmuls in the U-Net's big linear layers (CUDA, capability >= 8.9; approximate)."
+
+
 @app.command()
 def run(
     video: Annotated[Path, typer.Argument(help="Talking-head video (mp4, mov, mkv, webm).")],
@@ -122,6 +132,14 @@ def run(
     compile: Annotated[
         str, typer.Option(help="torch.compile the U-Net: none, regional, full (CUDA: pays off).")
     ] = "none",
+    mode: Annotated[str, typer.Option(help=_MODE_HELP)] = "exact",
+    scheduler: Annotated[
+        str, typer.Option(help="ddim (reference) or dpm++ (fewer steps).")
+    ] = "ddim",
+    cache_interval: Annotated[int | None, typer.Option(help=_CACHE_INTERVAL_HELP)] = None,
+    cache_branch: Annotated[int | None, typer.Option(help=_CACHE_BRANCH_HELP)] = None,
+    guidance_steps: Annotated[float | None, typer.Option(help=_GUIDANCE_STEPS_HELP)] = None,
+    fp8: Annotated[bool, typer.Option("--fp8", help=_FP8_HELP)] = False,
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write the result to --output."""
     from lipsync.api import LipSync
@@ -130,12 +148,13 @@ def run(
     options = RunOptions(
         steps=steps, guidance=guidance, seed=seed, mask_path=str(mask) if mask else None,
         force=force, crf=crf, min_face_size=min_face_size, loop_video=loop,
-        face_cache=str(face_cache) if face_cache else None,
+        face_cache=str(face_cache) if face_cache else None, mode=mode, scheduler=scheduler,
+        cache_interval=cache_interval, cache_branch=cache_branch, guidance_steps=guidance_steps,
     )  # fmt: skip
     options.validate()
     with console.status(f"loading {preset} models") if not quiet else contextlib.nullcontext():
         ls = LipSync.from_pretrained(
-            preset, device=device, dtype=dtype, checkpoint_dir=dir, compile=compile
+            preset, device=device, dtype=dtype, checkpoint_dir=dir, compile=compile, fp8=fp8
         )
     with RichProgress(enabled=not quiet and not as_json) as progress:
         report = ls.run(video, audio, output, progress=progress, **_as_kwargs(options))
@@ -189,7 +208,7 @@ def bench(
     preset: Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5 or tiny.")] = "tiny",
     frames: Annotated[int, typer.Option(help="Frames per chunk.")] = 16,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
-    mode: Annotated[str, typer.Option(help="exact (fast modes: not implemented yet).")] = "exact",
+    mode: Annotated[str, typer.Option(help=_MODE_HELP)] = "exact",
     compile: Annotated[str, typer.Option(help="none, regional, full, full-cudagraphs.")] = "none",
     chunks: Annotated[int, typer.Option(help="Chunks timed after one warm-up chunk.")] = 2,
     device: Annotated[str | None, typer.Option(help="cuda or cpu.")] = None,
@@ -198,6 +217,14 @@ def bench(
         bool, typer.Option("--random-weights", help="Time the architecture without checkpoints.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.5,
+    scheduler: Annotated[
+        str, typer.Option(help="ddim (reference) or dpm++ (fewer steps).")
+    ] = "ddim",
+    cache_interval: Annotated[int | None, typer.Option(help=_CACHE_INTERVAL_HELP)] = None,
+    cache_branch: Annotated[int | None, typer.Option(help=_CACHE_BRANCH_HELP)] = None,
+    guidance_steps: Annotated[float | None, typer.Option(help=_GUIDANCE_STEPS_HELP)] = None,
+    fp8: Annotated[bool, typer.Option("--fp8", help=_FP8_HELP)] = False,
 ) -> None:
     """Time the model stages on synthetic input (per-stage ms/frame, frames/s, TFLOP/s)."""
     from lipsync.bench import bench_model
@@ -205,8 +232,10 @@ def bench(
 
     get_preset(preset)
     report = bench_model(
-        preset, frames, steps, mode, device, dtype, compile, chunks, random_weights=random_weights
-    )
+        preset, frames, steps, mode, device, dtype, compile, chunks, guidance=guidance,
+        random_weights=random_weights, scheduler=scheduler, cache_interval=cache_interval,
+        cache_branch=cache_branch, guidance_steps=guidance_steps, fp8=fp8,
+    )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

@@ -8,20 +8,34 @@ Per chunk of f frames (f ≤ 24; 16 by default), as in the reference ``LipsyncPi
    (13 channels). With guidance > 1 the batch holds [all-zero audio, audio] and
    ``noise = uncond + g · (cond − uncond)``.
 3. VAE-decode, then paste the kept (unmasked) pixels of the input faces back.
+
+Fast modes (issue #5; approximate, off by default; ``DenoiseOptions``, presets in ``MODES``):
+
+- ``cache_interval = n > 1``: DeepCache step-feature caching (``lipsync.models.unet.StepCache``):
+  the full U-Net runs on steps 0, n, 2n, …, the other steps run only its shallow part on the
+  deep features of the last full step (skip branch ``cache_branch``, 0 = the shallowest).
+- ``guidance_steps = s < 1``: classifier-free guidance on the first ``ceil(s · steps)`` steps
+  only, then the conditional half alone (half the U-Net batch). A cached feature from a guided
+  step keeps its conditional rows for the unguided steps.
+- ``scheduler = "dpm++"`` with fewer ``steps`` (DPM-Solver++ multistep, 2nd order).
+
+``exact`` (the default) is the reference computation; ``fast`` = DeepCache every 3rd step on
+branch 0 (the reference's own DeepCache setting) + guidance on the first half of the steps.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 
 from lipsync.errors import ConfigError
-from lipsync.models.scheduler import make_scheduler
-from lipsync.models.unet import UNet3D
+from lipsync.models.scheduler import SCHEDULERS, make_scheduler
+from lipsync.models.unet import StepCache, UNet3D
 from lipsync.models.vae import Vae
 
 MAX_FRAMES = 24  # the motion modules' position table has 24 entries
@@ -35,12 +49,69 @@ class DenoiseOptions:
     eta: float = 0.0
     # The reference samples the VAE posterior (with the run's generator); the mean is an option.
     sample_posterior: bool = True
+    # Fast modes (module docstring). The defaults are the exact computation.
+    cache_interval: int = 1  # DeepCache: full U-Net every n-th step (1: every step, exact)
+    cache_branch: int = 0  # DeepCache skip branch (0: shallowest, the least U-Net on cached steps)
+    guidance_steps: float = 1.0  # share of the steps, from the first, that use CFG (1: all)
 
     def validate(self) -> None:
         if not 1 <= self.steps <= 1000:
             raise ConfigError(f"steps must be between 1 and 1000, got {self.steps}")
         if not 0.0 <= self.guidance <= 20.0:
             raise ConfigError(f"guidance must be between 0 and 20, got {self.guidance}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(
+                f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
+            )
+        if not 1 <= self.cache_interval <= 1000:
+            raise ConfigError(
+                f"cache_interval must be between 1 and 1000, got {self.cache_interval}"
+            )
+        if self.cache_branch < 0:
+            raise ConfigError(f"cache_branch must be >= 0, got {self.cache_branch}")
+        if not 0.0 <= self.guidance_steps <= 1.0:
+            raise ConfigError(f"guidance_steps must be between 0 and 1, got {self.guidance_steps}")
+
+    @classmethod
+    def for_mode(cls, mode: str = "exact", **overrides) -> DenoiseOptions:
+        """A named preset (``MODES``), then ``overrides`` (``None`` values: keep the preset's)."""
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(f"unknown denoise option(s): {', '.join(unknown)}")
+        values = {**MODES[mode], **{k: v for k, v in overrides.items() if v is not None}}
+        return replace(cls(), **values)
+
+    @property
+    def exact(self) -> bool:
+        """No approximation beyond the chosen scheduler and step count."""
+        return self.cache_interval == 1 and self.guided_steps() == (
+            self.steps if self.guidance > 1.0 else 0
+        )
+
+    def guided_steps(self) -> int:
+        """How many steps (the first ones) use classifier-free guidance."""
+        if self.guidance <= 1.0:
+            return 0
+        return min(self.steps, math.ceil(round(self.guidance_steps * self.steps, 6)))
+
+    def plan(self) -> list[tuple[bool, bool]]:
+        """Per step: (guided, full U-Net). Unguided steps run half the batch; non-full steps
+        run only the shallow part of the U-Net on cached deep features."""
+        guided = self.guided_steps()
+        return [(i < guided, i % self.cache_interval == 0) for i in range(self.steps)]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# Named presets of the approximation fields (the rest of DenoiseOptions is left as given).
+MODES: dict[str, dict] = {
+    "exact": {"cache_interval": 1, "cache_branch": 0, "guidance_steps": 1.0},
+    "fast": {"cache_interval": 3, "cache_branch": 0, "guidance_steps": 0.5},
+}
 
 
 def initial_noise(
@@ -71,6 +142,8 @@ class ChunkDenoiser:
         self.vae = vae
         self.options = options or DenoiseOptions()
         self.options.validate()
+        if self.options.cache_interval > 1:
+            unet.cache_point(self.options.cache_branch)  # ConfigError if this U-Net has none
         self.device = unet.conv_in.weight.device
         self.dtype = unet.dtype
         # mask: (r, r), 1 = keep, 0 = generate
@@ -145,13 +218,14 @@ class ChunkDenoiser:
         mask_latent = mask_latent[:, :, None].expand(b, 1, f, h, h).to(self.dtype)
 
         cfg = opts.guidance > 1.0
+        guided = opts.guided_steps()
         audio = audio.to(self.device, self.dtype).reshape(b * f, *audio.shape[2:])
         # With CFG the batch is [B unconditional, B conditional]; the unconditional clips'
         # all-zero audio is not materialised (the U-Net adds the cross-attention bias instead).
-        null_clips = b if cfg else 0
+        # Steps past ``guided`` (fast modes) run the B conditional clips alone.
         cond = torch.cat([mask_latent, masked_latents, ref_latents], dim=1)
-        if cfg:
-            cond = torch.cat([cond, cond])
+        cond_cfg = torch.cat([cond, cond]) if cfg else None
+        cache = StepCache(opts.cache_branch) if opts.cache_interval > 1 else None
 
         scheduler = make_scheduler(opts.scheduler)
         scheduler.set_timesteps(opts.steps, device=self.device)
@@ -165,10 +239,17 @@ class ChunkDenoiser:
         noise = noise.to(self.device, self.dtype).expand(b, *noise.shape[1:])
         latents = (noise * scheduler.init_noise_sigma).contiguous()
         for i, t in enumerate(scheduler.timesteps):
-            model_in = torch.cat([latents, latents]) if cfg else latents
+            guide = i < guided
+            if cache is not None:
+                cache.refresh = i % opts.cache_interval == 0
+                stale = cache.feature is not None and cache.feature.shape[0] == 2 * b
+                if not guide and not cache.refresh and stale:
+                    cache.keep_rows(b, 2 * b)  # the conditional half of the last guided step
+            model_in = torch.cat([latents, latents]) if guide else latents
             model_in = scheduler.scale_model_input(model_in, t)
-            pred = self.unet(torch.cat([model_in, cond], dim=1), t, audio, null_clips)
-            if cfg:
+            unet_in = torch.cat([model_in, cond_cfg if guide else cond], dim=1)
+            pred = self.unet(unet_in, t, audio, b if guide else 0, cache=cache)
+            if guide:
                 uncond, cond_pred = pred.chunk(2)
                 pred = uncond + opts.guidance * (cond_pred - uncond)
             latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample

@@ -4,7 +4,19 @@ Inputs per call:
   sample                 (b, 13, f, h, w)  4 noisy + 1 mask + 4 masked-face + 4 reference latents
   timestep               scalar or (b,)    DDPM timestep (0..999)
   encoder_hidden_states  (b*f, 50, 384)    per-frame audio tokens (or (b, f, 50, 384))
+  cache                  StepCache or None: DeepCache-style reuse of deep features (below)
 Output: predicted noise (b, 4, f, h, w).
+
+Step-feature caching (DeepCache, Ma et al. 2023; the reference LatentSync enables it with
+``DeepCacheSDHelper`` at ``cache_interval=3, cache_branch_id=0``). Adjacent denoising steps change
+the deep, low-resolution features little. Skip branch ``k`` cuts the U-Net at down block
+``B = k // per`` after ``L = k % per`` of its layers, ``per = layers_per_block + 1`` (the layers of
+an up block; 3 in every LatentSync config, as in SD). A full call with a :class:`StepCache` stores
+the hidden state entering layer ``per - 1 - L`` of up block ``n - 1 - B``; a cached call runs only
+``conv_in``, down blocks ``< B`` and the first ``L`` layers of block ``B``, then the up layers from
+the cut on, fed the cached state and the fresh skips, then ``conv_out``. For branch 0 that is
+``conv_in`` → last layer of the last up block (the cached state, (b, c0, f, h, w) with
+c0 = block_out_channels[0], concatenated with the ``conv_in`` skip) → ``conv_out``.
 
 The module tree mirrors the reference so ``load_state_dict(strict=True)`` works on the official
 files: ``conv_in``, ``time_embedding``, ``down_blocks.i.{resnets,attentions,motion_modules,
@@ -216,23 +228,37 @@ class UNetBlock(nn.Module):
             x = self.motion_modules[i](x)
         return x
 
-    def down(self, x: torch.Tensor, temb: torch.Tensor, context) -> tuple[torch.Tensor, list]:
-        # x: (b, c, f, h, w) -> (b, c', f, h', w') and the skip tensors for the decoder
+    def down(
+        self, x: torch.Tensor, temb: torch.Tensor, context, layers: int | None = None
+    ) -> tuple[torch.Tensor, list]:
+        # x: (b, c, f, h, w) -> (b, c', f, h', w') and the skip tensors for the decoder.
+        # layers = k: only the first k layers, no downsampler (a cached step's partial block).
         skips = []
-        for i in range(len(self.resnets)):
+        for i in range(len(self.resnets) if layers is None else layers):
             x = self.layer(i, x, temb, context)
             skips.append(x)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and layers is None:
             x = self.downsamplers[0](x)
             skips.append(x)
         return x, skips
 
-    def up(self, x: torch.Tensor, skips: list, temb: torch.Tensor, context, size=None):
+    def up(
+        self,
+        x: torch.Tensor,
+        skips: list,
+        temb: torch.Tensor,
+        context,
+        size=None,
+        start: int = 0,
+        stop: int | None = None,
+    ):
         # x: (b, c, f, h, w); skips consumed from the end -> (b, c', f, 2h, 2w)
-        for i in range(len(self.resnets)):
+        # Layers start..stop-1 only; the upsampler runs when the last layer did.
+        stop = len(self.resnets) if stop is None else stop
+        for i in range(start, stop):
             x = torch.cat([x, skips.pop()], dim=1)
             x = self.layer(i, x, temb, context)
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and stop == len(self.resnets):
             x = self.upsamplers[0](x, size)
         return x
 
@@ -265,6 +291,39 @@ class MidBlock(nn.Module):
         if self.motion_modules is not None:
             x = self.motion_modules[0](x)
         return self.resnets[1](x, temb)
+
+
+@dataclass
+class StepCache:
+    """Deep features kept between the denoising steps of one run (DeepCache, module docstring).
+
+    Set ``refresh`` before each call: True runs the full U-Net and stores ``feature``; False runs
+    only the shallow part on the stored ``feature`` (a full call happens anyway while none is
+    stored). ``feature``: (b, c, f, h', w'), the hidden state at the branch's cut, for the call's
+    whole batch (both CFG halves). One cache per run: it holds one batch's features.
+    """
+
+    branch: int = 0
+    refresh: bool = True
+    feature: torch.Tensor | None = None
+    full_calls: int = 0
+    cached_calls: int = 0
+
+    def keep_rows(self, start: int, stop: int) -> None:
+        """Keep batch rows start..stop-1 of the stored feature (e.g. the conditional half of a
+        CFG batch when later steps run without guidance)."""
+        if self.feature is not None:
+            self.feature = self.feature[start:stop]
+
+
+@dataclass(frozen=True)
+class CachePoint:
+    """Where skip branch ``branch`` cuts the network (see the module docstring)."""
+
+    down_block: int  # B: down blocks < B run fully on a cached step ...
+    down_layers: int  # L: ... and the first L layers of down block B
+    up_block: int  # n - 1 - B: the cached call resumes in this up block ...
+    up_layer: int  # per - 1 - L: ... at this layer, on the cached feature
 
 
 class UNet3D(nn.Module):
@@ -333,17 +392,31 @@ class UNet3D(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 
+    def cache_point(self, branch: int) -> CachePoint:
+        """The cut of DeepCache skip branch ``branch`` (0 = shallowest; ConfigError if none)."""
+        n = len(self.down_blocks)
+        per = len(self.up_blocks[0].resnets)  # layers_per_block + 1
+        if not 0 <= branch < n * per:
+            raise ConfigError(
+                f"cache branch must be in 0..{n * per - 1} for this U-Net, got {branch}"
+            )
+        block, layers = divmod(branch, per)
+        return CachePoint(block, layers, n - 1 - block, per - 1 - layers)
+
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor | None,
         null_audio_clips: int = 0,
+        cache: StepCache | None = None,
     ) -> torch.Tensor:
         # sample: (b, 13, f, h, w); timestep: () or (b,); encoder_hidden_states: (b*f, 50, 384)
         # -> predicted noise (b, 4, f, h, w)
         # With null_audio_clips = k, the first k clips have all-zero audio and
         # encoder_hidden_states holds only the other (b-k)*f rows (same result, less work).
+        # cache: None (every layer runs) or a StepCache (full call storing, or cached call
+        # reusing, the deep feature; see the module docstring).
         b, _, frames, h, w = sample.shape
         tokens = encoder_hidden_states
         if tokens is not None and tokens.dim() == 4:  # (b, f, 50, 384)
@@ -377,20 +450,64 @@ class UNet3D(nn.Module):
             sample = 2 * sample - 1.0
         x = self.conv_in(sample.to(self.dtype))
 
-        skips: list[torch.Tensor] = [x]
-        for block in self.down_blocks:
-            x, block_skips = block.down(x, temb, context)
-            skips.extend(block_skips)
-
-        x = self.mid_block(x, temb, context)
-
         factor = 2 ** (len(self.up_blocks) - 1)
         force_size = h % factor != 0 or w % factor != 0
-        for block in self.up_blocks:
-            level_skips = skips[-len(block.resnets) :]
-            del skips[-len(block.resnets) :]
-            size = skips[-1].shape[-2:] if (force_size and skips) else None
-            x = block.up(x, level_skips, temb, context, size)
+        point = self.cache_point(cache.branch) if cache is not None else None
+        if cache is not None and not cache.refresh and cache.feature is not None:
+            if cache.feature.shape[0] != b or cache.feature.shape[2] != frames:
+                raise ValueError(
+                    f"cached feature {tuple(cache.feature.shape)} does not fit a batch of {b} "
+                    f"clips of {frames} frames"
+                )
+            cache.cached_calls += 1
+            skips: list[torch.Tensor] = [x]
+            for block in self.down_blocks[: point.down_block]:
+                x, block_skips = block.down(x, temb, context)
+                skips.extend(block_skips)
+            if point.down_layers:
+                _, block_skips = self.down_blocks[point.down_block].down(
+                    x, temb, context, layers=point.down_layers
+                )
+                skips.extend(block_skips)
+            x = self._up(cache.feature, skips, temb, context, force_size, point.up_block,
+                         point.up_layer)  # fmt: skip
+        else:
+            skips = [x]
+            for block in self.down_blocks:
+                x, block_skips = block.down(x, temb, context)
+                skips.extend(block_skips)
+            x = self.mid_block(x, temb, context)
+            if cache is not None:
+                cache.full_calls += 1
+            x = self._up(x, skips, temb, context, force_size, tap=point, cache=cache)
 
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return x
+
+    def _up(
+        self,
+        x: torch.Tensor,
+        skips: list[torch.Tensor],
+        temb: torch.Tensor,
+        context,
+        force_size: bool,
+        first_block: int = 0,
+        first_layer: int = 0,
+        tap: CachePoint | None = None,
+        cache: StepCache | None = None,
+    ) -> torch.Tensor:
+        # The decoder from up block first_block, layer first_layer on; skips consumed from the
+        # end. tap: store the hidden state entering (tap.up_block, tap.up_layer) in cache.
+        for i in range(first_block, len(self.up_blocks)):
+            block = self.up_blocks[i]
+            start = first_layer if i == first_block else 0
+            count = len(block.resnets) - start
+            level_skips = skips[-count:]
+            del skips[-count:]
+            size = skips[-1].shape[-2:] if (force_size and skips) else None
+            if tap is not None and i == tap.up_block:
+                x = block.up(x, level_skips, temb, context, start=start, stop=tap.up_layer)
+                cache.feature = x
+                start = tap.up_layer
+            x = block.up(x, level_skips, temb, context, size, start=start)
         return x

@@ -1,0 +1,1 @@
+"""Evaluation: image-quality metrics (PSNR, SSIM) for comparing outputs of different modes."""

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # quality_modes
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -40,8 +41,12 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def build(preset: str, dtype: str, compile_mode: str) -> LipSyncPipeline:
+def build(preset: str, dtype: str, compile_mode: str, fp8: bool = False) -> LipSyncPipeline:
     models = load_models(preset, device=DEVICE, dtype=parse_dtype(dtype), random_weights=True)
+    if fp8:
+        from lipsync.accel.fp8 import convert_unet_to_fp8
+
+        convert_unet_to_fp8(models.unet)
     models.unet = compile_unet(models.unet, compile_mode)
     if compile_mode != "none":
         compile_vae(models.vae, "regional")
@@ -95,6 +100,12 @@ def main() -> None:
     ap.add_argument("--quality-frames", type=int, default=48)
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--start-after", default=None, help="time warm runs once this file exists")
+    ap.add_argument("--fp8", action="store_true", help="FP8 linear layers in the U-Net")
+    ap.add_argument(
+        "--profile-frames", type=int, default=0,
+        help="after the timings: profile a run of this many frames in the last mode",
+    )  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +113,7 @@ def main() -> None:
     modes = args.modes.split(",")
 
     t = time.perf_counter()
-    pipe = build(args.preset, args.dtype, args.compile)
+    pipe = build(args.preset, args.dtype, args.compile, args.fp8)
     load_s = time.perf_counter() - t
     wav = load_audio(args.audio)[: int(args.quality_frames * 16000 / FPS)]
     results = {}
@@ -110,6 +121,8 @@ def main() -> None:
         opts = base if mode == "exact" else _with_mode(base, mode)
         if not args.skip_timing:
             first = timed_run(pipe, args.video, args.audio, out / f"{mode}.mp4", opts)
+            while args.start_after and not Path(args.start_after).exists():
+                time.sleep(1)  # another job shares the GPU until then: keep it out of the timing
             second = timed_run(pipe, args.video, args.audio, out / f"{mode}.mp4", opts)
             emit(
                 {
@@ -119,6 +132,8 @@ def main() -> None:
                 }
             )  # fmt: skip
         results[mode] = frames_in_memory(pipe, args.video, wav, opts)
+    if args.profile_frames:
+        profile_run(pipe, args, opts, out, modes[-1])
 
     if not args.skip_reference:
         del pipe
@@ -129,16 +144,18 @@ def main() -> None:
         reference = frames_in_memory(ref_pipe, args.video, wav, base)
         info = probe(args.video)
         src = FileFrames(args.video, info, info.output_frames(FPS)).get(np.arange(len(reference)))
-        region = np.abs(reference.astype(np.int16) - src.astype(np.int16)).max(-1) > 0
-        region = np.repeat(region[..., None], 3, axis=-1)
+        # pixels the reference changed in any frame: the pasted-back mouth region
+        region2d = (np.abs(reference.astype(np.int16) - src.astype(np.int16)).max(-1) > 0).any(0)
+        region = np.broadcast_to(region2d[None, ..., None], reference.shape)
         for mode, frames in results.items():
             emit(
                 {
                     "what": "quality_vs_fp32_eager", "preset": args.preset, "dtype": args.dtype,
                     "compile": args.compile, "mode": mode, "frames": len(frames),
+                    "mouth": mouth_quality(frames, reference, region2d),
                     "psnr_changed_pixels_db": round(psnr(frames, reference, region), 2),
                     "psnr_full_frame_db": round(psnr(frames, reference, np.ones_like(region)), 2),
-                    "changed_pixel_share": round(float(region.mean()), 4),
+                    "changed_pixel_share": round(float(region2d.mean()), 4),
                 }
             )  # fmt: skip
         if "exact" in results:
@@ -148,15 +165,76 @@ def main() -> None:
                     emit(
                         {
                             "what": "quality_vs_exact", "mode": mode, "dtype": args.dtype,
-                            "psnr_changed_pixels_db": round(psnr(frames, exact, region), 2),
+                            "mouth": mouth_quality(frames, exact, region2d),
                         }
                     )  # fmt: skip
 
 
-def _with_mode(base: RunOptions, mode: str) -> RunOptions:
+def profile_run(pipe, args, opts, out: Path, mode: str) -> None:
+    """torch.profiler over one run of --profile-frames frames: wall time, GPU kernel time, and
+    each pipeline range's CPU and GPU time (lipsync.* record_function ranges)."""
+    import wave
+
+    from torch.profiler import ProfilerActivity, profile
+
+    wav = load_audio(args.audio)[: int(args.profile_frames * 16000 / FPS)]
+    clip = out / "profile_audio.wav"
+    with wave.open(str(clip), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes())
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    pipe.run(args.video, clip, out / "profile.mp4", opts)  # warm (shapes of a short last chunk)
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        report = pipe.run(args.video, clip, out / "profile.mp4", opts)
+        wall = time.perf_counter() - t
+    prof.export_chrome_trace(str(out / f"trace_{mode}.json"))
+    avg = prof.key_averages()
+    # kernels only: the lipsync.* ranges also appear as GPU annotations spanning their kernels
+    kernel_us = sum(
+        e.self_device_time_total
+        for e in avg
+        if e.device_type.name == "CUDA" and not e.key.startswith("lipsync.")
+    )
+    ranges = {
+        e.key: {"calls": e.count, "cpu_ms": round(e.cpu_time_total / 1e3, 1),
+                "gpu_ms": round(e.device_time_total / 1e3, 1)}
+        for e in avg if e.key.startswith("lipsync.")
+    }  # fmt: skip
+    emit(
+        {
+            "what": "profile", "mode": mode, "frames": report.frames, "wall_s": round(wall, 3),
+            "gpu_kernel_s": round(kernel_us / 1e6, 3),
+            "gpu_busy_share": round(kernel_us / 1e6 / wall, 3), "ranges": ranges,
+            "top_ops": avg.table(sort_by="device_time_total", row_limit=25).splitlines(),
+        }
+    )  # fmt: skip
+
+
+def _with_mode(base: RunOptions, spec: str) -> RunOptions:
+    """A mode spec of benchmarks/quality_modes.py (``fast``, ``dpm10+fast``, ``cache2``, ...)."""
     from dataclasses import replace
 
-    return replace(base, mode=mode)
+    from quality_modes import parse_mode
+
+    return replace(base, **parse_mode(spec, base.steps))
+
+
+def mouth_quality(frames: np.ndarray, ref: np.ndarray, region: np.ndarray) -> dict:
+    """PSNR and SSIM of (n, H, W, 3) uint8 frames on the pixels any run changed (region (H, W)),
+    within the region's bounding box (SSIM windows centred in the region)."""
+    from lipsync.eval.image import psnr as psnr_t
+    from lipsync.eval.image import ssim
+
+    ys, xs = np.nonzero(region)
+    box = (slice(max(ys.min() - 8, 0), ys.max() + 9), slice(max(xs.min() - 8, 0), xs.max() + 9))
+
+    def crop(x):
+        return torch.from_numpy(x[:, box[0], box[1]]).permute(0, 3, 1, 2).double() / 255
+
+    r = torch.from_numpy(region[box])
+    a, b = crop(frames), crop(ref)
+    return {"psnr_db": round(psnr_t(a, b, r), 2), "ssim": round(ssim(a, b, r), 5)}
 
 
 if __name__ == "__main__":

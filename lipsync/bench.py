@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lipsync.config import get_preset
+from lipsync.gpu_busy import GpuBusy
 from lipsync.models.unet import UNet3D
 
 
@@ -240,9 +241,10 @@ def bench_model(
     warmup_s = time.perf_counter() - t0
     den.stage_seconds = {}
     t0 = time.perf_counter()
-    for _ in range(chunks):
-        den(faces, audio, noise, g)
-    sync(dev)
+    with GpuBusy(_device_index(dev)) as busy:
+        for _ in range(chunks):
+            den(faces, audio, noise, g)
+        sync(dev)
     total = time.perf_counter() - t0
     n = frames * chunks
     unet_s = den.stage_seconds.get("unet", 0.0)
@@ -277,6 +279,101 @@ def bench_model(
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         if dev.type == "cuda"
         else None,
+        "gpu_busy_share": _rounded(busy.share),
+    }
+
+
+def _device_index(dev: torch.device) -> int | None:
+    if dev.type != "cuda":
+        return None
+    return dev.index if dev.index is not None else torch.cuda.current_device()
+
+
+def _rounded(x: float | None, digits: int = 3) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def bench_video(
+    video: str,
+    audio: str,
+    preset: str = "tiny",
+    device: str | None = None,
+    dtype: str | None = None,
+    compile_mode: str = "none",
+    random_weights: bool = False,
+    fp8: bool = False,
+    runs: int = 1,
+    **run_options,
+) -> dict:
+    """A real clip end to end (decode, faces, audio, denoise, restore, encode): one warm-up run
+    (compilation, face track into ``face_cache`` when given), then ``runs`` timed runs.
+    ``run_options``: :class:`lipsync.pipeline.RunOptions` fields (mode, steps, scheduler, ...).
+    Reports frames/s end to end, the pipeline's stage seconds, peak GPU memory and the GPU busy
+    share (NVML) of the timed runs."""
+    import tempfile
+    from pathlib import Path
+
+    from lipsync.accel.compile import compile_unet, compile_vae
+    from lipsync.models.bundle import load_models
+    from lipsync.pipeline import LipSyncPipeline, RunOptions
+
+    options = RunOptions(**{"seed": 1247, **run_options, "force": True})
+    options.validate()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    if fp8:
+        from lipsync.accel.fp8 import convert_unet_to_fp8, require_fp8_device
+
+        require_fp8_device(dev)
+    t0 = time.perf_counter()
+    models = load_models(preset, device=dev, dtype=dt, random_weights=random_weights)
+    if fp8:
+        convert_unet_to_fp8(models.unet)
+    models.unet = compile_unet(models.unet, compile_mode)
+    if compile_mode != "none":
+        compile_vae(models.vae, "regional")
+    pipe = LipSyncPipeline(models)
+    load_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="lipsync-bench-") as tmp:
+        out = Path(tmp) / "out.mp4"
+        t0 = time.perf_counter()
+        pipe.run(video, audio, out, options)
+        warmup_s = time.perf_counter() - t0
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        walls, reports = [], []
+        with GpuBusy(_device_index(dev)) as busy:
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                reports.append(pipe.run(video, audio, out, options))
+                walls.append(time.perf_counter() - t0)
+    report = reports[-1]
+    wall = statistics.median(walls)
+    return {
+        "video": str(video),
+        "audio": str(audio),
+        "preset": preset,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": dt,
+        "torch": torch.__version__,
+        "compile": compile_mode,
+        "fp8": fp8,
+        "weights": "random" if random_weights or models.preset.random_weights else "official",
+        "mode": options.mode,
+        "denoise": options.denoise_options().as_dict(),
+        "frames": report.frames,
+        "frames_with_face": report.frames_with_face,
+        "load_s": round(load_s, 2),
+        "warmup_run_s": round(warmup_s, 2),
+        "runs_timed": runs,
+        "wall_s": round(wall, 3),
+        "fps_end_to_end": round(report.frames / wall, 2),
+        "stage_seconds": {k: round(v, 3) for k, v in report.seconds.items()},
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+        if dev.type == "cuda"
+        else None,
+        "gpu_busy_share": _rounded(busy.share),
+        "gpu_busy_source": busy.source,
     }
 
 

@@ -225,17 +225,36 @@ def bench(
     cache_branch: Annotated[int | None, typer.Option(help=_CACHE_BRANCH_HELP)] = None,
     guidance_steps: Annotated[float | None, typer.Option(help=_GUIDANCE_STEPS_HELP)] = None,
     fp8: Annotated[bool, typer.Option("--fp8", help=_FP8_HELP)] = False,
+    video: Annotated[
+        Path | None, typer.Option(help="Time this clip end to end instead (needs --audio).")
+    ] = None,
+    audio: Annotated[Path | None, typer.Option(help="Audio for --video.")] = None,
+    face_cache: Annotated[
+        Path | None, typer.Option(help="--video: face-track cache folder (lipsync run's).")
+    ] = None,
 ) -> None:
-    """Time the model stages on synthetic input (per-stage ms/frame, frames/s, TFLOP/s)."""
-    from lipsync.bench import bench_model
+    """Time the model stages on synthetic input (per-stage ms/frame, frames/s, TFLOP/s, GPU
+    busy share), or with --video/--audio a real clip end to end (one warm-up run, one timed)."""
+    from lipsync.bench import bench_model, bench_video
     from lipsync.config import get_preset
 
     get_preset(preset)
-    report = bench_model(
-        preset, frames, steps, mode, device, dtype, compile, chunks, guidance=guidance,
-        random_weights=random_weights, scheduler=scheduler, cache_interval=cache_interval,
-        cache_branch=cache_branch, guidance_steps=guidance_steps, fp8=fp8,
-    )  # fmt: skip
+    if (video is None) != (audio is None):
+        raise typer.BadParameter("--video and --audio go together")
+    if video is not None:
+        report = bench_video(
+            str(video), str(audio), preset, device, dtype, compile, random_weights, fp8,
+            mode=mode, steps=steps, guidance=guidance, scheduler=scheduler,
+            cache_interval=cache_interval, cache_branch=cache_branch,
+            guidance_steps=guidance_steps, chunk_frames=frames,
+            face_cache=str(face_cache) if face_cache else None,
+        )  # fmt: skip
+    else:
+        report = bench_model(
+            preset, frames, steps, mode, device, dtype, compile, chunks, guidance=guidance,
+            random_weights=random_weights, scheduler=scheduler, cache_interval=cache_interval,
+            cache_branch=cache_branch, guidance_steps=guidance_steps, fp8=fp8,
+        )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -369,13 +388,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors come as ClickException subclasses
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors: click's ClickException / Abort (Typer may vendor
+        # its own copy of click, typer._click, so match the class names, not one module's classes)
+        kinds = {cls.__name__ for cls in type(e).__mro__}
+        if "ClickException" in kinds:
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if "Abort" in kinds:
             sys.exit(130)
         raise
 

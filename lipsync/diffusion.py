@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from lipsync.errors import ConfigError
 from lipsync.models.scheduler import SCHEDULERS, make_scheduler
@@ -210,8 +211,9 @@ class ChunkDenoiser:
         keep = self.mask[None, None]  # (1, 1, r, r)
         masked = faces * keep
         clock = self._mark(None, time.perf_counter())
-        masked_latents = self._encode(masked, generators)
-        ref_latents = self._encode(faces, generators)
+        with record_function("lipsync.vae_encode"):
+            masked_latents = self._encode(masked, generators)
+            ref_latents = self._encode(faces, generators)
         clock = self._mark("vae_encode", clock)
         h = masked_latents.shape[-1]
         mask_latent = F.interpolate(keep, size=(h, h))  # nearest, like the reference
@@ -239,26 +241,28 @@ class ChunkDenoiser:
         noise = noise.to(self.device, self.dtype).expand(b, *noise.shape[1:])
         latents = (noise * scheduler.init_noise_sigma).contiguous()
         for i, t in enumerate(scheduler.timesteps):
-            guide = i < guided
-            if cache is not None:
-                cache.refresh = i % opts.cache_interval == 0
-                stale = cache.feature is not None and cache.feature.shape[0] == 2 * b
-                if not guide and not cache.refresh and stale:
-                    cache.keep_rows(b, 2 * b)  # the conditional half of the last guided step
-            model_in = torch.cat([latents, latents]) if guide else latents
-            model_in = scheduler.scale_model_input(model_in, t)
-            unet_in = torch.cat([model_in, cond_cfg if guide else cond], dim=1)
-            pred = self.unet(unet_in, t, audio, b if guide else 0, cache=cache)
-            if guide:
-                uncond, cond_pred = pred.chunk(2)
-                pred = uncond + opts.guidance * (cond_pred - uncond)
-            latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+            with record_function(f"lipsync.unet_step{'_guided' if i < guided else ''}"):
+                guide = i < guided
+                if cache is not None:
+                    cache.refresh = i % opts.cache_interval == 0
+                    stale = cache.feature is not None and cache.feature.shape[0] == 2 * b
+                    if not guide and not cache.refresh and stale:
+                        cache.keep_rows(b, 2 * b)  # the conditional half of the last guided step
+                model_in = torch.cat([latents, latents]) if guide else latents
+                model_in = scheduler.scale_model_input(model_in, t)
+                unet_in = torch.cat([model_in, cond_cfg if guide else cond], dim=1)
+                pred = self.unet(unet_in, t, audio, b if guide else 0, cache=cache)
+                if guide:
+                    uncond, cond_pred = pred.chunk(2)
+                    pred = uncond + opts.guidance * (cond_pred - uncond)
+                latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
             if on_step is not None:
                 on_step(i + 1, len(scheduler.timesteps))
 
         clock = self._mark("unet", clock)
         flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, 4, h, h)  # (B·f, 4, h, h)
-        decoded = self.vae.decode(flat).float().reshape(faces.shape)  # (B, f, 3, r, r)
+        with record_function("lipsync.vae_decode"):
+            decoded = self.vae.decode(flat).float().reshape(faces.shape)  # (B, f, 3, r, r)
         out = decoded * (1 - keep) + faces * keep
         self._mark("vae_decode", clock)
         return out[0] if single else out

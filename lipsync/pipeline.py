@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from lipsync.accel.fp8 import has_fp8
 from lipsync.audio import frame_windows
@@ -329,22 +330,25 @@ class LipSyncPipeline:
         try:
             for start in range(0, n_out, options.chunk_frames):
                 idx = source_index[start : start + options.chunk_frames]
-                chunk = frames.get(idx)
+                with record_function("lipsync.read_frames"):
+                    chunk = frames.get(idx)
                 usable = track.usable[idx]
                 on_gpu = engine.device.type == "cuda" and isinstance(sink, VideoWriter)
                 if on_gpu:  # the frames go to the GPU once and come back as YUV 4:2:0
                     chunk = torch.from_numpy(chunk).to(engine.device)
                 if usable.any():
-                    windows = frame_windows(features, FPS, start=start, stop=start + len(idx))
+                    with record_function("lipsync.audio_windows"):
+                        windows = frame_windows(features, FPS, start=start, stop=start + len(idx))
                     chunk = self._sync_chunk(
                         chunk, track.matrices[idx], usable, windows, mask, denoise_options,
                         seed=report.seed, chunk_index=start // options.chunk_frames,
                     )  # fmt: skip
                     report.frames_with_face += int(usable.sum())
-                if on_gpu:  # colour conversion on the GPU: the CPU encoder then only runs x264
-                    sink.write(rgb_to_yuv420(chunk))
-                else:
-                    sink.write(chunk)
+                with record_function("lipsync.write_frames"):
+                    if on_gpu:  # colour conversion on the GPU: the CPU encoder only runs x264
+                        sink.write(rgb_to_yuv420(chunk))
+                    else:
+                        sink.write(chunk)
                 progress.advance("denoising", len(idx))
                 release_memory()  # long runs: keep fragmentation from growing the heap
             progress.finish("denoising")
@@ -373,10 +377,13 @@ class LipSyncPipeline:
         on_device = isinstance(frames, torch.Tensor)
         src = frames[torch.from_numpy(sel).to(dev)] if on_device else torch.from_numpy(frames[sel])
         src = src.to(dev)
-        crops = warp_faces(src, mats, self.resolution)
-        faces = crops_to_model_input(crops, self.resolution)  # (k, 3, r, r) in [-1, 1]
-        synced = self.engine.denoise(faces, windows[sel], mask, seed, chunk_index, options)
-        restored = restore(src, synced, mats, resolution=self.resolution)
+        with record_function("lipsync.align"):
+            crops = warp_faces(src, mats, self.resolution)
+            faces = crops_to_model_input(crops, self.resolution)  # (k, 3, r, r) in [-1, 1]
+        with record_function("lipsync.denoise"):
+            synced = self.engine.denoise(faces, windows[sel], mask, seed, chunk_index, options)
+        with record_function("lipsync.restore"):
+            restored = restore(src, synced, mats, resolution=self.resolution)
         if on_device:
             frames[torch.from_numpy(sel).to(dev)] = restored
             return frames

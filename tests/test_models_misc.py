@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REFERENCE
+from conftest import MEDIA, REFERENCE
 from safetensors.torch import save_file
 
 from lipsync.config import Preset
@@ -179,8 +180,60 @@ def test_cli_bench_smoke_on_cpu():
     assert set(report["ms_per_frame"]) == {"vae_encode", "unet", "vae_decode"}
     assert all(v > 0 for v in report["ms_per_frame"].values())
     assert report["model_fps"] > 0 and report["unet_gflop_per_call"] > 1.0
-    proc = run_cli("bench", "--mode", "fast", "--steps", "1")
-    assert proc.returncode == 2 and "not implemented yet" in proc.stderr
+    assert report["gpu_busy_share"] is None  # no GPU: nothing to sample, not a made-up number
+    proc = run_cli("bench", "--mode", "turbo", "--steps", "1")
+    assert proc.returncode == 2 and "unknown mode 'turbo'" in proc.stderr
+
+
+def test_cli_bench_on_a_real_clip_end_to_end(tmp_path):
+    from media_factory import make_audio, make_video, speechlike
+
+    from lipsync.media import read_frames
+
+    frames = read_frames(MEDIA / "demo1_video.mp4", stop=12)[:, 380:980, 295:895]
+    video = make_video(
+        tmp_path / "face.mp4", seconds=0.48, size=(600, 600), crf=18,
+        draw=lambda i, _: frames[min(i, len(frames) - 1)],
+    )  # fmt: skip
+    audio = make_audio(tmp_path / "speech.wav", signal=speechlike(0.48, seed=3))
+    proc = run_cli("bench", "--preset", "tiny", "--steps", "2", "--frames", "8", "--video",
+                   str(video), "--audio", str(audio), "--face-cache", str(tmp_path / "faces"),
+                   "--mode", "fast", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["frames"] == 12 and report["frames_with_face"] == 12
+    assert report["fps_end_to_end"] == pytest.approx(12 / report["wall_s"], rel=0.02)
+    assert report["stage_seconds"]["denoise"] > 0 and report["mode"] == "fast"
+    assert report["denoise"]["cache_interval"] == 3
+    assert list((tmp_path / "faces").glob("*.npz")), "the warm-up run fills the face cache"
+    proc = run_cli("bench", "--preset", "tiny", "--video", str(video))
+    assert proc.returncode == 2 and "--video and --audio go together" in proc.stderr
+
+
+def test_gpu_busy_reads_nvidia_smi_samples(tmp_path, monkeypatch):
+    """The nvidia-smi fallback: a stand-in that prints what the real one prints with -lms."""
+    import sys
+    import time
+
+    from lipsync.gpu_busy import GpuBusy
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        f"#!{sys.executable}\nimport sys, time\n"
+        "assert '--query-gpu=utilization.gpu' in sys.argv\n"
+        "for v in [7] + [40, 60] * 50:\n    print(v, flush=True)\n    time.sleep(0.02)\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # force the fallback
+    with GpuBusy(0, interval_s=0.02) as busy:
+        time.sleep(0.8)
+    assert busy.source == "nvidia-smi"
+    assert len(busy.samples) >= 10 and 7.0 not in busy.samples  # the stale first sample dropped
+    assert busy.share == pytest.approx(0.5, abs=0.05)
+    with GpuBusy(None) as none:
+        pass
+    assert none.share is None and none.source is None
 
 
 def test_cli_profile_writes_a_chrome_trace(tmp_path):
@@ -189,3 +242,9 @@ def test_cli_profile_writes_a_chrome_trace(tmp_path):
     assert "aten::" in proc.stdout and "# of Calls" in proc.stdout
     trace = json.loads((tmp_path / "trace.json").read_text())
     assert len(trace["traceEvents"]) > 100
+
+
+def test_cli_usage_errors_are_one_message_not_a_traceback():
+    proc = run_cli("run", "--bogus")
+    assert proc.returncode == 2 and "No such option: --bogus" in proc.stderr
+    assert "Traceback" not in proc.stderr

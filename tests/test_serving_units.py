@@ -90,6 +90,21 @@ def test_retry_decisions():
     assert policy.get_retry_decision(exception=queue.Released("x"), job=None) is not None
 
 
+def test_triton_errors_are_retried_not_the_users_fault():
+    pytest.importorskip("tritonclient", reason="the serve extra is not installed")
+    from lipsync.serving.triton_client import TritonError, TritonUnavailableError
+
+    s = ServeSettings(retry_backoff_s=2)
+    down = TritonUnavailableError("Triton server at grpc://t:8001 is unreachable (…)")
+    d = queue.decide(s, down, row())
+    assert d.retry_in_s == 2 and d.kind == "unavailable"
+    assert d.error_kind == "TritonUnavailableError" and d.reason.startswith("TritonUnavail")
+    d = queue.decide(s, TritonError("Triton server at grpc://t:8001: boom"), row(failures=1))
+    assert d.retry_in_s == 4 and d.kind == "triton"
+    d = queue.decide(s, down, row(failures=2))  # still bounded by max_attempts
+    assert d.retry_in_s is None and d.reason.startswith("failed after 3 attempts: ")
+
+
 def test_key_headers_and_format():
     key = auth.generate_key()
     assert key.startswith("lsk_") and len(key) >= 45

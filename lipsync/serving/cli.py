@@ -203,6 +203,10 @@ def triton(
     audio_instances: Annotated[int, typer.Option(help="Instances of audio_features.")] = 1,
     cpu_threads: Annotated[int | None, typer.Option(help="Torch CPU threads.")] = None,
     log_verbose: Annotated[int, typer.Option(help="Triton's verbose log level.")] = 0,
+    random_weights: Annotated[
+        bool,
+        typer.Option("--random-weights", help="Seeded random weights, no checkpoints (timing)."),
+    ] = False,
 ) -> None:
     """Serve the model on Triton Inference Server (PyTriton): audio_features + lipsync
     (docs/TRITON.md). Shared memory needs LIPSYNC_TRITON_ACCESS_TOKEN on both sides."""
@@ -213,6 +217,6 @@ def triton(
         compile=compile, fp8=fp8, address=address, http_port=http_port, grpc_port=grpc_port,
         metrics_port=metrics_port, instances=instances, max_batch_size=max_batch_size,
         queue_delay_us=queue_delay_us, audio_instances=audio_instances, cpu_threads=cpu_threads,
-        log_verbose=log_verbose,
+        log_verbose=log_verbose, random_weights=random_weights,
     )  # fmt: skip
     serve(options)

@@ -9,7 +9,11 @@ Retries
     A failed attempt is classified (:func:`decide`):
 
     * a :class:`~lipsync.errors.LipSyncError` (bad input, no face, …) is the user's to fix:
-      the job fails at once, no retry;
+      the job fails at once, no retry -- unless it says it is ``retryable`` (the Triton
+      server unreachable or failing: :class:`~lipsync.serving.triton_client.TritonError`),
+      which is retried like any other failure, labelled with its ``retry_reason``
+      (``unavailable``, ``triton``); after an ``unavailable`` one the worker also waits for the
+      server (``triton_wait_s``) before it takes another job;
     * CUDA out of memory: retried with ``chunk_frames`` halved (16 → 8 → 4 …), failing when
       even 1 frame per chunk does not fit;
     * anything else: retried;
@@ -107,7 +111,7 @@ def backoff_s(settings, failures: int) -> float:
 
 @dataclass(frozen=True)
 class Decision:
-    kind: str  # metrics reason: user_error, oom, internal, worker_lost
+    kind: str  # metrics reason: user_error, oom, internal, worker_lost, unavailable, triton
     error_kind: str  # stored on the row: the exception class, or worker_lost / oom
     reason: str  # one line for the user
     retry_in_s: float | None  # None: fail now
@@ -118,7 +122,8 @@ def decide(settings, exc: BaseException, row: dict) -> Decision:
     """What to do after attempt ``row['attempts']`` raised ``exc`` (module docstring)."""
     failures = row["failures"] + 1
     max_attempts = row["max_attempts"]
-    if isinstance(exc, LipSyncError):
+    retryable = bool(getattr(exc, "retryable", False))
+    if isinstance(exc, LipSyncError) and not retryable:
         return Decision("user_error", type(exc).__name__, one_line(exc), None)
     options = dict(row["options"] or {})
     if is_oom(exc):
@@ -135,11 +140,12 @@ def decide(settings, exc: BaseException, row: dict) -> Decision:
             backoff_s(settings, failures), options,
         )  # fmt: skip
     reason = f"{type(exc).__name__}: {one_line(exc)}"
+    kind = str(getattr(exc, "retry_reason", "internal")) if retryable else "internal"
     if failures >= max_attempts:
         return Decision(
-            "internal", type(exc).__name__, f"failed after {failures} attempts: {reason}", None
+            kind, type(exc).__name__, f"failed after {failures} attempts: {reason}", None
         )
-    return Decision("internal", type(exc).__name__, reason, backoff_s(settings, failures))
+    return Decision(kind, type(exc).__name__, reason, backoff_s(settings, failures))
 
 
 # -- the procrastinate app --------------------------------------------------------------------

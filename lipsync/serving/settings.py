@@ -68,6 +68,11 @@ class ServeSettings(BaseModel):
     triton_protocol: str | None = Field(None, description="grpc or http (default: from the URL).")
     triton_shared_memory: str | None = Field(None, description="Triton shared memory mode.")
     triton_timeout_s: float | None = Field(None, gt=0, description="Triton request timeout.")
+    triton_wait_s: float = Field(
+        600.0, ge=0,
+        description="How long a worker waits for an unreachable Triton: at start, and after a "
+        "job's attempt failed on it, before it takes another job (that job is retried).",
+    )  # fmt: skip
 
     # the queue
     queue: str = Field("lipsync", description="Procrastinate queue name.")

@@ -217,7 +217,7 @@ class JobExecutor:
             log.error("lease lost: another attempt took over this job; dropping this one")
             raise
         except Exception as exc:
-            self._failed(job_id, lease, row, exc)  # raises RetryLater or FinalFailure
+            self._failed(job_id, lease, row, exc, context)  # raises RetryLater or FinalFailure
             raise  # pragma: no cover
         finally:
             metrics.JOBS_IN_PROGRESS.dec()
@@ -266,7 +266,9 @@ class JobExecutor:
         log.info("job succeeded: %s", result_key, extra={"frames": summary.get("frames")})
         return {"result_key": result_key}
 
-    def _failed(self, job_id: str, lease: str, row: dict, exc: Exception) -> None:
+    def _failed(
+        self, job_id: str, lease: str, row: dict, exc: Exception, context: JobContext | None = None
+    ) -> None:
         decision = queue.decide(self.settings, exc, row)
         reason = decision.reason
         for path, name in self._paths.items():  # local paths mean nothing to the user
@@ -285,6 +287,8 @@ class JobExecutor:
                 "attempt %d failed, retry in %.1f s: %s", row["attempts"], decision.retry_in_s,
                 decision.reason, exc_info=decision.kind == "internal",
             )  # fmt: skip
+            if decision.kind == "unavailable":
+                self._wait_for_model_server(context)
             raise queue.RetryLater(decision.reason, decision.retry_in_s) from exc
         with db.transaction(self.pool) as conn:
             db.finish_failed(conn, job_id, lease, kind=decision.error_kind, reason=decision.reason)
@@ -295,12 +299,44 @@ class JobExecutor:
         )  # fmt: skip
         raise queue.FinalFailure(decision.reason) from exc
 
+    def _wait_for_model_server(self, context: JobContext | None) -> None:
+        """The model server (Triton) was unreachable: take no other job until it is back (or
+        ``triton_wait_s`` passed, or the worker is stopping), rather than failing one queued
+        job after another. The failed job itself is already queued again, with its backoff."""
+        wait = getattr(self.runner, "wait_until_ready", None)
+        if wait is None or self.settings.triton_wait_s <= 0:
+            return
+
+        def stop() -> bool:
+            return context is not None and context.abort_reason() is not None
+
+        t0 = time.monotonic()
+        log.warning("model server unreachable: waiting up to %.0f s for it before the next job",
+                    self.settings.triton_wait_s)  # fmt: skip
+        back = wait(self.settings.triton_wait_s, stop)
+        log.info("model server %s after %.1f s", "is back" if back else "still unreachable",
+                 time.monotonic() - t0)  # fmt: skip
+
 
 def _free_gpu_memory() -> None:
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def _make_runner_when_reachable(settings, interval_s: float = 1.0) -> Runner:
+    """:func:`make_runner`, waiting up to ``triton_wait_s`` for a model server that is not up
+    yet (workers and Triton started together, Triton restarting); other errors at once."""
+    deadline = time.monotonic() + settings.triton_wait_s
+    while True:
+        try:
+            return make_runner(settings)
+        except Exception as exc:
+            if getattr(exc, "retry_reason", None) != "unavailable" or time.monotonic() > deadline:
+                raise
+            log.warning("model server not reachable yet, retrying: %s", one_line(exc))
+            time.sleep(interval_s)
 
 
 def default_worker_name() -> str:
@@ -315,7 +351,7 @@ def run_worker(settings) -> None:
     storage = open_storage(settings)
     storage.check()
     log.info("loading runner", extra={"settings": settings.describe(), "worker": name})
-    runner = make_runner(settings)
+    runner = _make_runner_when_reachable(settings)
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
 

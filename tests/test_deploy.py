@@ -578,7 +578,7 @@ def test_each_service_process_has_probes_and_the_right_command():
     expected = {
         "lipsync-api": ("api", {"/healthz", "/readyz"}),
         "lipsync-worker": ("worker", {"/metrics"}),
-        "lipsync-triton": ("triton", {"/v2/health/live", "/v2/health/ready"}),
+        "lipsync-triton": ("triton", {"/v2/health/live", "/v2/models/lipsync/ready"}),
     }
     for name, (process, paths) in expected.items():
         (c,) = pod_spec(find("Deployment", name))["containers"]
@@ -587,7 +587,7 @@ def test_each_service_process_has_probes_and_the_right_command():
         assert {"livenessProbe", "readinessProbe"} <= kinds.keys(), name
         assert {p["httpGet"]["path"] for p in kinds.values()} == paths, name
     (triton,) = pod_spec(find("Deployment", "lipsync-triton"))["containers"]
-    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/models/lipsync/ready"
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     (api,) = pod_spec(find("Deployment", "lipsync-api"))["containers"]
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"

@@ -118,7 +118,9 @@ def main() -> None:
     wav = load_audio(args.audio)[: int(args.quality_frames * 16000 / FPS)]
     results = {}
     for mode in modes:
-        opts = base if mode == "exact" else _with_mode(base, mode)
+        blocking_copies(mode.endswith("+blocking"))
+        spec = mode.removesuffix("+blocking")
+        opts = base if spec == "exact" else _with_mode(base, spec)
         if not args.skip_timing:
             first = timed_run(pipe, args.video, args.audio, out / f"{mode}.mp4", opts)
             while args.start_after and not Path(args.start_after).exists():
@@ -132,6 +134,11 @@ def main() -> None:
                 }
             )  # fmt: skip
         results[mode] = frames_in_memory(pipe, args.video, wav, opts)
+    for mode, frames in results.items():
+        other = results.get(mode.removesuffix("+blocking"))
+        if mode.endswith("+blocking") and other is not None:
+            emit({"what": "same_output_blocking_vs_async", "mode": mode,
+                  "identical": bool(np.array_equal(frames, other))})  # fmt: skip
     if args.profile_frames:
         profile_run(pipe, args, opts, out, modes[-1])
 
@@ -209,6 +216,32 @@ def profile_run(pipe, args, opts, out: Path, mode: str) -> None:
             "top_ops": avg.table(sort_by="device_time_total", row_limit=25).splitlines(),
         }
     )  # fmt: skip
+
+
+_ORIGINAL = {}
+
+
+def blocking_copies(on: bool) -> None:
+    """A/B switch for this benchmark: ``+blocking`` after a mode spec makes the pass-2 copies
+    wait as before (pageable upload, download waited for at once) instead of the pipeline's
+    pinned non-blocking ones."""
+    import lipsync.pipeline as pl
+
+    if not _ORIGINAL:
+        _ORIGINAL.update(to_device=pl.to_device, rgb_to_yuv420=pl.rgb_to_yuv420)
+    if not on:
+        pl.to_device, pl.rgb_to_yuv420 = _ORIGINAL["to_device"], _ORIGINAL["rgb_to_yuv420"]
+        return
+
+    def to_device(array, device):
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+    def rgb_to_yuv420(frames):
+        out = _ORIGINAL["rgb_to_yuv420"](frames)
+        out.planes  # noqa: B018 - wait for the download here, as the blocking path did
+        return out
+
+    pl.to_device, pl.rgb_to_yuv420 = to_device, rgb_to_yuv420
 
 
 def _with_mode(base: RunOptions, spec: str) -> RunOptions:

@@ -151,6 +151,15 @@ class FaceTrackResult:
     status: list[FrameStatus]
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``; to a GPU through pinned memory without blocking, so the host
+    does not wait for the GPU's queued work (a pageable copy would)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class LipSyncPipeline:
     """Runs the stages above with one engine (reusable across runs).
 
@@ -335,7 +344,7 @@ class LipSyncPipeline:
                 usable = track.usable[idx]
                 on_gpu = engine.device.type == "cuda" and isinstance(sink, VideoWriter)
                 if on_gpu:  # the frames go to the GPU once and come back as YUV 4:2:0
-                    chunk = torch.from_numpy(chunk).to(engine.device)
+                    chunk = to_device(chunk, engine.device)
                 if usable.any():
                     with record_function("lipsync.audio_windows"):
                         windows = frame_windows(features, FPS, start=start, stop=start + len(idx))
@@ -375,8 +384,11 @@ class LipSyncPipeline:
         mats = matrices[sel]
         dev = self.engine.device
         on_device = isinstance(frames, torch.Tensor)
-        src = frames[torch.from_numpy(sel).to(dev)] if on_device else torch.from_numpy(frames[sel])
-        src = src.to(dev)
+        every = len(sel) == len(frames)  # the usual case: no gather, no scatter
+        if on_device:
+            src = frames if every else frames[to_device(sel, dev)]
+        else:
+            src = torch.from_numpy(frames if every else frames[sel]).to(dev)
         with record_function("lipsync.align"):
             crops = warp_faces(src, mats, self.resolution)
             faces = crops_to_model_input(crops, self.resolution)  # (k, 3, r, r) in [-1, 1]
@@ -385,7 +397,9 @@ class LipSyncPipeline:
         with record_function("lipsync.restore"):
             restored = restore(src, synced, mats, resolution=self.resolution)
         if on_device:
-            frames[torch.from_numpy(sel).to(dev)] = restored
+            if every:
+                return restored
+            frames[to_device(sel, dev)] = restored
             return frames
         out = frames.copy()
         out[sel] = restored.cpu().numpy() if isinstance(restored, torch.Tensor) else restored

@@ -299,3 +299,9 @@ def test_sync_chunk_same_result_for_frames_on_device_and_in_numpy(small_demo_fra
     b = pipe._sync_chunk(torch.from_numpy(frames.copy()), *args, seed=1, chunk_index=0)
     assert isinstance(b, torch.Tensor) and np.array_equal(a, b.numpy())
     assert np.array_equal(a[1], frames[1]) and not np.array_equal(a[0], frames[0])
+    # every frame usable: no gather/scatter on either path, still the same pixels
+    every = (mats, np.ones(4, dtype=bool), windows, mask, DenoiseOptions(steps=1))
+    a = pipe._sync_chunk(frames.copy(), *every, seed=1, chunk_index=0)
+    b = pipe._sync_chunk(torch.from_numpy(frames.copy()), *every, seed=1, chunk_index=0)
+    assert isinstance(b, torch.Tensor) and np.array_equal(a, b.numpy())
+    assert not np.array_equal(a[1], frames[1])

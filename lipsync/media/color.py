@@ -16,13 +16,29 @@ _KG = 1.0 - _KR - _KB
 
 
 class Yuv420Frames:
-    """A batch of frames already in planar YUV 4:2:0: (n, H * 3 // 2, W) uint8 (Y, then U, V)."""
+    """A batch of frames already in planar YUV 4:2:0: (n, H * 3 // 2, W) uint8 (Y, then U, V).
 
-    def __init__(self, planes: np.ndarray, width: int, height: int):
-        self.planes, self.width, self.height = planes, int(width), int(height)
+    ``planes`` may still be arriving from a GPU: then it is a pinned host tensor being filled
+    by a non-blocking copy and ``ready`` the CUDA event recorded after it; reading
+    :attr:`planes` waits for that event (the encoder thread does, not the GPU's feeder).
+    """
+
+    def __init__(self, planes, width: int, height: int, ready=None):
+        self._planes, self._ready = planes, ready
+        self.width, self.height = int(width), int(height)
+        self._n = len(planes)
+
+    @property
+    def planes(self) -> np.ndarray:
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        if isinstance(self._planes, torch.Tensor):
+            self._planes = self._planes.numpy()
+        return self._planes
 
     def __len__(self) -> int:
-        return len(self.planes)
+        return self._n
 
 
 def rgb_to_yuv420(frames: torch.Tensor | np.ndarray) -> Yuv420Frames:
@@ -52,7 +68,15 @@ def rgb_to_yuv420(frames: torch.Tensor | np.ndarray) -> Yuv420Frames:
     out[:, :h] = yq
     out[:, h : h + h // 4] = uq.reshape(n, h // 4, w)
     out[:, h + h // 4 :] = vq.reshape(n, h // 4, w)
-    return Yuv420Frames(out.cpu().numpy(), w, h)
+    if out.device.type == "cuda":
+        # into pinned memory without blocking: the caller goes on queueing GPU work while the
+        # copy runs; the encoder thread waits for the event when it reads the planes
+        host = torch.empty(out.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(out.device))
+        return Yuv420Frames(host, w, h, ready)
+    return Yuv420Frames(out.numpy(), w, h)
 
 
 def as_rgb_batch(frames) -> np.ndarray:

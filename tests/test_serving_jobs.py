@@ -187,3 +187,22 @@ def test_api_restart_loses_nothing(stack, serving_media, tmp_path):
         again = submit(c, m.video, m.audio, steps=1)
         assert again.status_code == 201
         assert stack.wait_status(again.json()["id"], "succeeded")["status"] == "succeeded"
+
+
+def test_worker_declared_stalled_registers_again_instead_of_crashing(stack, serving_media):
+    """A heartbeat late by more than stalled_after_s (a starved CPU) gets a worker's
+    registration pruned by another worker; its next fetch must not crash it."""
+    replace_dead_workers(stack)
+    before = [w for w in stack.workers if w.alive()]
+    pruned = stack.query(
+        "DELETE FROM procrastinate_workers RETURNING id"
+    )  # as prune_stalled_workers
+    assert len(pruned) == 2
+    key = stack.create_key("after-prune")
+    with stack.client(key) as c:
+        job = submit(c, serving_media.video, serving_media.audio, steps=1).json()
+        row = stack.wait_status(job["id"], ("succeeded", "failed"), timeout=90)
+    assert row["status"] == "succeeded", row
+    assert all(w.alive() for w in before), [w.tail() for w in before if not w.alive()]
+    assert any("registering again" in w.tail(20000) for w in before)
+    stack.wait_workers()  # both registered (heartbeating) again

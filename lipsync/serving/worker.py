@@ -371,23 +371,54 @@ async def _serve(app, settings, pool, name: str) -> None:
         sweeper = asyncio.create_task(queue.sweep_forever(app, settings, pool))
         log.info("worker ready", extra={"queue": settings.queue, "worker": name})
         try:
-            await app.run_worker_async(
-                queues=[settings.queue],
-                name=name,
-                concurrency=1,
-                wait=True,
-                listen_notify=True,
-                fetch_job_polling_interval=settings.poll_interval_s,
-                abort_job_polling_interval=settings.poll_interval_s,
-                shutdown_graceful_timeout=settings.shutdown_grace_s,
-                update_heartbeat_interval=settings.heartbeat_s,
-                stalled_worker_timeout=settings.stalled_after_s,
-                install_signal_handlers=True,
-                delete_jobs="never",
-            )
+            while not await _run_until_pruned(app, settings, name):
+                # A heartbeat arrived later than stalled_after_s (a starved CPU, a long GC
+                # pause): another worker declared this one stalled, put its job back and
+                # deleted its registration. Register again instead of crashing; the job's
+                # lease keeps this worker from writing to the job it lost.
+                log.warning(
+                    "this worker was declared stalled (no heartbeat for %.1f s) and "
+                    "unregistered; registering again", settings.stalled_after_s,
+                    extra={"worker": name},
+                )  # fmt: skip
         finally:
             sweeper.cancel()
             try:
                 await sweeper
             except (asyncio.CancelledError, pexc.ProcrastinateException):
                 pass
+
+
+def _unregistered(exc: BaseException) -> bool:
+    """Is ``exc`` procrastinate failing because this worker's row was pruned?"""
+    cause = exc.__cause__
+    return (
+        isinstance(exc, pexc.ConnectorException)
+        and type(cause).__name__ == "ForeignKeyViolation"
+        and "worker_id" in str(cause)
+    )
+
+
+async def _run_until_pruned(app, settings, name: str) -> bool:
+    """Run procrastinate's worker; True when it stopped normally (shutdown), False when its
+    registration was pruned under it (see :func:`_serve`)."""
+    try:
+        await app.run_worker_async(
+            queues=[settings.queue],
+            name=name,
+            concurrency=1,
+            wait=True,
+            listen_notify=True,
+            fetch_job_polling_interval=settings.poll_interval_s,
+            abort_job_polling_interval=settings.poll_interval_s,
+            shutdown_graceful_timeout=settings.shutdown_grace_s,
+            update_heartbeat_interval=settings.heartbeat_s,
+            stalled_worker_timeout=settings.stalled_after_s,
+            install_signal_handlers=True,
+            delete_jobs="never",
+        )
+    except pexc.ConnectorException as exc:
+        if _unregistered(exc):
+            return False
+        raise
+    return True

@@ -245,24 +245,22 @@ def frame_windows(
     return features[idx].reshape(idx.shape[0], idx.shape[1] * layers, channels)
 
 
-class LazyFeatures:
-    """(T, layers, channels) Whisper features computed one 30 s window at a time on demand.
+class WindowedFeatures:
+    """(T, layers, channels) features computed one encoder window at a time on demand, the two
+    most recent windows kept. Subclasses give the positions each window keeps and compute one
+    window in :meth:`compute_window`.
 
     Supports what :func:`frame_windows` needs: ``shape``, ``ndim``, ``device`` and indexing with
     an integer position tensor (positions of at most a few windows at a time).
     """
 
-    def __init__(self, encoder: AudioEncoder, mel: torch.Tensor):
-        self.encoder = encoder
-        self.mel = mel
-        win = 2 * encoder.dims.n_audio_ctx
-        n_mel = mel.shape[1]
-        self.kept = [min(win, n_mel - s) // 2 for s in range(0, n_mel, win)]
-        self.starts = np.concatenate([[0], np.cumsum(self.kept)]).astype(np.int64)
+    def __init__(self, kept: list[int], layers: int, channels: int):
+        self.kept = kept
+        self.starts = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
         total = int(self.starts[-1])
         if total == 0:
             raise AudioError("audio too short to compute features")
-        self.shape = (total, encoder.dims.n_audio_layer + 1, encoder.dims.n_audio_state)
+        self.shape = (total, layers, channels)
         self.ndim = 3
         self.device = torch.device("cpu")
         self._cache: dict[int, torch.Tensor] = {}
@@ -270,11 +268,15 @@ class LazyFeatures:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def compute_window(self, k: int) -> torch.Tensor:
+        """(kept[k], layers, channels) float32 features of window ``k``."""
+        raise NotImplementedError
+
     def _get_window(self, k: int) -> torch.Tensor:
         if k not in self._cache:
             while len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[k] = self.encoder._window(self.mel, k, self.kept[k])
+            self._cache[k] = self.compute_window(k)
         return self._cache[k]
 
     def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
@@ -286,6 +288,21 @@ class LazyFeatures:
             sel = window == k
             out[sel] = self._get_window(k)[flat[sel] - int(self.starts[k])]
         return out.reshape(*idx.shape, *self.shape[1:])
+
+
+class LazyFeatures(WindowedFeatures):
+    """Whisper features of a local :class:`AudioEncoder`, one 30 s window at a time."""
+
+    def __init__(self, encoder: AudioEncoder, mel: torch.Tensor):
+        self.encoder = encoder
+        self.mel = mel
+        win = 2 * encoder.dims.n_audio_ctx
+        n_mel = mel.shape[1]
+        kept = [min(win, n_mel - s) // 2 for s in range(0, n_mel, win)]
+        super().__init__(kept, encoder.dims.n_audio_layer + 1, encoder.dims.n_audio_state)
+
+    def compute_window(self, k: int) -> torch.Tensor:
+        return self.encoder._window(self.mel, k, self.kept[k])
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from lipsync.api import LipSync
-from lipsync.audio import _as_waveform
+from lipsync.audio import WindowedFeatures, _as_waveform
 from lipsync.diffusion import MAX_FRAMES, DenoiseOptions
-from lipsync.errors import AudioError, ConfigError, LipSyncError, one_line
+from lipsync.errors import ConfigError, LipSyncError, one_line
 from lipsync.serving.triton_server import (
     ACCESS_TOKEN_ENV,
     AUDIO_CHANNELS,
@@ -780,7 +780,7 @@ def _triton_scalar_type(dtype: np.dtype) -> str:
     return {"int64": "INT64", "int32": "INT32", "float32": "FP32", "bool": "BOOL"}[dtype.name]
 
 
-class RemoteFeatures:
+class RemoteFeatures(WindowedFeatures):
     """(T, 5, 384) Whisper features of a clip, computed on the server one 30 s encoder window at
     a time, when first indexed (the two most recent kept): what :class:`lipsync.audio.LazyFeatures`
     is for local models, with the same values and the same interface (``shape``, ``ndim``,
@@ -794,46 +794,22 @@ class RemoteFeatures:
         self.engine = engine
         self.wav = _as_waveform(waveform)
         self.windows = audio_windows(self.wav.shape[0], engine.audio_window_frames)
-        self.kept = [(f1 - f0) // 2 for f0, f1 in self.windows]
-        self.starts = np.concatenate([[0], np.cumsum(self.kept)]).astype(np.int64)
-        total = int(self.starts[-1])
-        if total == 0:
-            raise AudioError("audio too short to compute features")
+        kept = [(f1 - f0) // 2 for f0, f1 in self.windows]
+        super().__init__(kept, engine.audio_layers, engine.audio_channels)
         if len(self.windows) == 1:
             self.log_max = float("nan")  # the server's segment is the whole clip
         else:
             self.log_max = clip_log_mel_max(self.wav, engine.n_mels, engine.audio_window_frames)
-        self.shape = (total, engine.audio_layers, engine.audio_channels)
-        self.ndim = 3
-        self.device = torch.device("cpu")
-        self._cache: dict[int, torch.Tensor] = {}
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def _get_window(self, k: int) -> torch.Tensor:
-        if k not in self._cache:
-            while len(self._cache) >= 2:
-                self._cache.pop(next(iter(self._cache)))
-            f0, f1 = self.windows[k]
-            feats = self.engine.audio_window(stft_segment(self.wav, f0, f1), self.log_max)
-            if feats.shape[0] != self.kept[k]:
-                raise TritonError(
-                    f"audio_features returned {feats.shape[0]} positions for window {k}, "
-                    f"expected {self.kept[k]}"
-                )
-            self._cache[k] = feats
-        return self._cache[k]
-
-    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
-        idx = torch.as_tensor(idx, dtype=torch.int64)
-        flat = idx.reshape(-1)
-        window = torch.from_numpy(np.searchsorted(self.starts, flat.numpy(), side="right") - 1)
-        out = torch.empty((flat.numel(), *self.shape[1:]), dtype=torch.float32)
-        for k in torch.unique(window).tolist():
-            sel = window == k
-            out[sel] = self._get_window(k)[flat[sel] - int(self.starts[k])]
-        return out.reshape(*idx.shape, *self.shape[1:])
+    def compute_window(self, k: int) -> torch.Tensor:
+        f0, f1 = self.windows[k]
+        feats = self.engine.audio_window(stft_segment(self.wav, f0, f1), self.log_max)
+        if feats.shape[0] != self.kept[k]:
+            raise TritonError(
+                f"audio_features returned {feats.shape[0]} positions for window {k}, "
+                f"expected {self.kept[k]}"
+            )
+        return feats
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from lipsync.media.encode import x264_deterministic_params
+
 DrawFn = Callable[[int, float], np.ndarray]  # (frame number, time in s) -> (H, W, 3) uint8
 
 _CONTAINER_FORMATS = {
@@ -172,6 +174,8 @@ def make_video(
         opts: dict[str, str] = {}
         if codec in ("libx264", "libx265"):
             opts = {"crf": str(crf), "preset": preset}
+            if codec == "libx264" and x264_deterministic_params():  # reproducible inputs
+                opts["x264-params"] = x264_deterministic_params()
             if codec == "libx265":
                 opts["x265-params"] = "log-level=error"
         elif codec in ("libvpx-vp9", "libvpx"):

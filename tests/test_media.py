@@ -512,6 +512,50 @@ def test_select_video_encoder():
         select_video_encoder("mpeg2")
 
 
+def _mouth_box() -> np.ndarray:
+    box = np.zeros((1, 320, 320, 1))
+    box[:, 180:260, 110:210] = 1
+    return box
+
+
+def test_same_frames_encode_to_the_same_bytes(tmp_path):
+    """libx264's AVX-512 code gives a different file on some runs for the same frames (on this
+    CI's AVX-512 CPU); the writer must be reproducible, or a seeded run is not (the face-cache
+    and Triton parity tests caught it)."""
+    # the demo's face, area-downscaled to 320x320, with seeded noise over the mouth (40 frames:
+    # without the fix, 3-4 different files in 10 encodes, in each of 3 trials)
+    big = torch.from_numpy(read_frames(MEDIA / "demo1_video.mp4", stop=40)[:, 380:980, 295:895])
+    small = (
+        torch.nn.functional.interpolate(
+            big.permute(0, 3, 1, 2).float(), size=(320, 320), mode="area"
+        )
+        .round()
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
+    noisy = small + np.random.default_rng(0).integers(-40, 40, (40, 320, 320, 3)) * _mouth_box()
+    noisy = np.clip(noisy, 0, 255).astype(np.uint8)
+    files = set()
+    for _ in range(10):
+        with VideoWriter(tmp_path / "o.mp4", fps=25, codec="libx264", overwrite=True) as w:
+            w.write(noisy)
+        files.add((tmp_path / "o.mp4").read_bytes())
+    assert len(files) == 1
+
+
+def test_x264_deterministic_params(monkeypatch):
+    from lipsync.media import encode
+
+    monkeypatch.setattr(encode, "_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert encode.x264_deterministic_params() == "asm=avx2"
+    assert encode.x264_deterministic_params("ref=2") == "ref=2:asm=avx2"
+    assert encode.x264_deterministic_params("asm=sse2") == "asm=sse2"  # the caller's choice
+    monkeypatch.setattr(encode, "_cpu_flags", lambda: frozenset({"avx2", "sse2"}))
+    assert encode.x264_deterministic_params("ref=2") == "ref=2"  # no AVX-512: nothing to limit
+    monkeypatch.setattr(encode, "_cpu_flags", lambda: frozenset())
+    assert encode.x264_deterministic_params() == ""
+
+
 def test_stream_decode_process_encode(tmp_path):
     src = make_video(tmp_path / "src.mp4", seconds=2.0, fps=30, size=(160, 48), audio=True)
     wav = load_audio(src)

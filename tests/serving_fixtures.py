@@ -407,6 +407,18 @@ class Stack:
         )
         return rows[0]["status"] if rows else None
 
+    def wait_queue_status(self, job_id: str, status: str, timeout: float = 15) -> None:
+        """Wait for the queue's own record of a job to reach ``status``: the worker writes the
+        job's final status to its row before returning to procrastinate, which then records
+        its own, so the two are not updated at the same instant."""
+        seen = []
+
+        def reached():
+            seen.append(self.queue_status(job_id))
+            return seen[-1] == status
+
+        wait_until(reached, timeout, what=f"queue status {status!r} (last seen {seen[-1:]})")
+
     def wait_status(self, job_id: str, statuses, timeout: float = 60) -> dict:
         statuses = {statuses} if isinstance(statuses, str) else set(statuses)
 

@@ -111,7 +111,7 @@ def test_cancel_a_running_job_stops_it_between_chunks(stack, serving_media):
         assert row["status"] == "cancelled", row
         assert row["progress"] < 1.0
         assert c.get(f"/v1/jobs/{job['id']}/result").status_code == 409
-    assert stack.queue_status(job["id"]) == "aborted"
+    stack.wait_queue_status(job["id"], "aborted")
     assert not any(k.startswith("results/") for k in storage_objects(stack, job["id"]))
 
 
@@ -158,7 +158,7 @@ def test_kill_9_mid_job_completes_on_another_worker_with_one_result(stack, servi
     objects = storage_objects(stack, job["id"])
     assert [k for k in objects if k.startswith("results/")] == [f"results/{job['id']}.mp4"]
     assert not [k for k in stack.storage().list() if ".tmp-" in k]
-    assert stack.queue_status(job["id"]) == "succeeded"
+    stack.wait_queue_status(job["id"], "succeeded")
     replace_dead_workers(stack)
 
 

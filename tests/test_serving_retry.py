@@ -82,7 +82,7 @@ def test_always_failing_job_fails_with_its_reason_after_max_attempts_with_backof
     print(f"gaps between attempts: {gaps}")
     assert gaps[0] >= BACKOFF and gaps[1] >= 2 * BACKOFF
     assert gaps[1] > gaps[0]
-    assert stack.queue_status(job["id"]) == "failed"
+    stack.wait_queue_status(job["id"], "failed")
     text = httpx.get(stack.metrics_url, timeout=5).text
     assert 'lipsync_job_failures_total{reason="internal"} 1.0' in text
     assert 'lipsync_job_retries_total{reason="internal"} 2.0' in text
@@ -98,4 +98,4 @@ def test_typed_user_error_fails_at_once_without_retry(stack, serving_media):
     assert row["error_kind"] == "NoFaceError"
     # one clear line, without the worker's local paths
     assert row["error"] == "no face found in any of the frames of the video file (injected)"
-    assert stack.queue_status(job["id"]) == "failed"
+    stack.wait_queue_status(job["id"], "failed")

@@ -493,7 +493,7 @@ def test_triton_restarted_mid_job_the_job_is_retried_and_completes(
             check_output(tmp_path / "out.mp4", 50, 2.0)
         objects = [k for k in stack.storage().list() if job["id"] in k]
         assert [k for k in objects if k.startswith("results/")] == [f"results/{job['id']}.mp4"]
-        assert stack.queue_status(job["id"]) == "succeeded"
+        stack.wait_queue_status(job["id"], "succeeded")
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
         assert 'lipsync_job_retries_total{reason="unavailable"} 1.0' in text
         log = worker.tail(200000)

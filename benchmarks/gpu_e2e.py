@@ -222,26 +222,25 @@ _ORIGINAL = {}
 
 
 def blocking_copies(on: bool) -> None:
-    """A/B switch for this benchmark: ``+blocking`` after a mode spec makes the pass-2 copies
-    wait as before (pageable upload, download waited for at once) instead of the pipeline's
-    pinned non-blocking ones."""
+    """A/B switch for this benchmark: ``+blocking`` after a mode spec makes the host-to-GPU
+    copies blocking (lipsync.transfer.BLOCKING) and waits for each chunk's download at once,
+    instead of the pipeline's pinned non-blocking copies."""
     import lipsync.pipeline as pl
+    import lipsync.transfer as transfer
 
     if not _ORIGINAL:
-        _ORIGINAL.update(to_device=pl.to_device, rgb_to_yuv420=pl.rgb_to_yuv420)
+        _ORIGINAL.update(rgb_to_yuv420=pl.rgb_to_yuv420)
+    transfer.BLOCKING = on
     if not on:
-        pl.to_device, pl.rgb_to_yuv420 = _ORIGINAL["to_device"], _ORIGINAL["rgb_to_yuv420"]
+        pl.rgb_to_yuv420 = _ORIGINAL["rgb_to_yuv420"]
         return
-
-    def to_device(array, device):
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
     def rgb_to_yuv420(frames):
         out = _ORIGINAL["rgb_to_yuv420"](frames)
         out.planes  # noqa: B018 - wait for the download here, as the blocking path did
         return out
 
-    pl.to_device, pl.rgb_to_yuv420 = to_device, rgb_to_yuv420
+    pl.rgb_to_yuv420 = rgb_to_yuv420
 
 
 def _with_mode(base: RunOptions, spec: str) -> RunOptions:

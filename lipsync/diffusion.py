@@ -38,6 +38,7 @@ from lipsync.errors import ConfigError
 from lipsync.models.scheduler import SCHEDULERS, make_scheduler
 from lipsync.models.unet import StepCache, UNet3D
 from lipsync.models.vae import Vae
+from lipsync.transfer import to_device
 
 MAX_FRAMES = 24  # the motion modules' position table has 24 entries
 
@@ -221,7 +222,7 @@ class ChunkDenoiser:
 
         cfg = opts.guidance > 1.0
         guided = opts.guided_steps()
-        audio = audio.to(self.device, self.dtype).reshape(b * f, *audio.shape[2:])
+        audio = to_device(audio, self.device, self.dtype).reshape(b * f, *audio.shape[2:])
         # With CFG the batch is [B unconditional, B conditional]; the unconditional clips'
         # all-zero audio is not materialised (the U-Net adds the cross-attention bias instead).
         # Steps past ``guided`` (fast modes) run the B conditional clips alone.
@@ -230,7 +231,10 @@ class ChunkDenoiser:
         cache = StepCache(opts.cache_branch) if opts.cache_interval > 1 else None
 
         scheduler = make_scheduler(opts.scheduler)
-        scheduler.set_timesteps(opts.steps, device=self.device)
+        # The schedule lives on the host: stepping it never reads a GPU value back (a read-back
+        # would make the host wait for every queued U-Net call); the U-Net gets device copies.
+        scheduler.set_timesteps(opts.steps, device="cpu")
+        unet_timesteps = to_device(scheduler.timesteps, self.device)
         step_kwargs = {}
         step_params = inspect.signature(scheduler.step).parameters
         if "eta" in step_params:
@@ -251,7 +255,7 @@ class ChunkDenoiser:
                 model_in = torch.cat([latents, latents]) if guide else latents
                 model_in = scheduler.scale_model_input(model_in, t)
                 unet_in = torch.cat([model_in, cond_cfg if guide else cond], dim=1)
-                pred = self.unet(unet_in, t, audio, b if guide else 0, cache=cache)
+                pred = self.unet(unet_in, unet_timesteps[i], audio, b if guide else 0, cache=cache)
                 if guide:
                     uncond, cond_pred = pred.chunk(2)
                     pred = uncond + opts.guidance * (cond_pred - uncond)

@@ -33,7 +33,14 @@ from lipsync.audio import frame_windows
 from lipsync.diffusion import DenoiseOptions
 from lipsync.engine import LocalEngine, SyncEngine
 from lipsync.errors import AudioError, ConfigError, VideoError
-from lipsync.face.align import crops_to_model_input, estimate_transforms, restore, warp_faces
+from lipsync.face.align import (
+    crop_size,
+    crops_to_model_input,
+    estimate_transforms,
+    paste_mask,
+    restore,
+    warp_faces,
+)
 from lipsync.face.cache import load_track, save_track, track_key
 from lipsync.face.detect import MediaPipeDetector
 from lipsync.face.mask import load_mask, make_mask
@@ -50,6 +57,7 @@ from lipsync.media import (
 from lipsync.media.color import rgb_to_yuv420
 from lipsync.models.bundle import ModelBundle
 from lipsync.runtime import release_memory
+from lipsync.transfer import to_device
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -149,15 +157,6 @@ class FaceTrackResult:
     matrices: np.ndarray  # (n_video, 2, 3) float32; NaN rows where no usable face
     usable: np.ndarray  # (n_video,) bool
     status: list[FrameStatus]
-
-
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on ``device``; to a GPU through pinned memory without blocking, so the host
-    does not wait for the GPU's queued work (a pageable copy would)."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class LipSyncPipeline:
@@ -392,10 +391,15 @@ class LipSyncPipeline:
         with record_function("lipsync.align"):
             crops = warp_faces(src, mats, self.resolution)
             faces = crops_to_model_input(crops, self.resolution)  # (k, 3, r, r) in [-1, 1]
+            # Made before the model's work is queued: it reads the mask areas back from the GPU,
+            # which waits only for the work queued so far; restore then queues without waiting,
+            # and the host reads and aligns the next chunk while the GPU denoises this one.
+            paste = paste_mask(mats, src.shape[1:3], crop_size(self.resolution), dev)
         with record_function("lipsync.denoise"):
-            synced = self.engine.denoise(faces, windows[sel], mask, seed, chunk_index, options)
+            audio = windows if every else windows[sel]
+            synced = self.engine.denoise(faces, audio, mask, seed, chunk_index, options)
         with record_function("lipsync.restore"):
-            restored = restore(src, synced, mats, resolution=self.resolution)
+            restored = restore(src, synced, mats, resolution=self.resolution, mask=paste)
         if on_device:
             if every:
                 return restored

@@ -353,3 +353,19 @@ def test_windowed_processing_equals_full_frame(monkeypatch):
     whole = run()
     for a, b in zip(windowed, whole, strict=True):
         assert np.abs(a.astype(np.int16) - b).max() <= 1
+
+
+def test_paste_mask_made_ahead_gives_the_same_restore(frames, ref):
+    """The pipeline makes the paste mask before the faces exist (so the GPU read-back of the mask
+    areas happens before the model's work is queued): restoring with it is bit-identical."""
+    m = ref["affine_512"][:4]
+    faces = align.crops_to_model_input(align.warp_faces(frames[:4], m, 512), 512)
+    faces = faces + 0.3 * torch.randn(faces.shape, generator=torch.Generator().manual_seed(0))
+    mask = align.paste_mask(m, frames.shape[1:3], align.crop_size(512), "cpu")
+    assert len(mask) == 4 and mask.soft.shape == mask.eroded.shape == mask.coverage.shape
+    assert mask.soft.shape[-2:] == mask.window and 0 < mask.soft.max() <= 1
+    np.testing.assert_array_equal(
+        align.restore(frames[:4], faces, m, mask=mask), align.restore(frames[:4], faces, m)
+    )
+    with pytest.raises(ValueError, match="paste mask is for 4 frames"):
+        align.restore(frames[:2], faces[:2], m[:2], mask=mask)

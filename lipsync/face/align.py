@@ -54,6 +54,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lipsync.transfer import device_constant, to_device
+
 __all__ = [
     "FILL_VALUE",
     "SmoothingState",
@@ -270,7 +272,7 @@ def _gather_windows(frames: torch.Tensor, origins: np.ndarray, hw: tuple[int, in
 
 def _sample(src: torch.Tensor, theta: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
     """Bilinear, zero padded: (N, C, h, w) and normalised (N, 2, 3) output->input maps."""
-    theta_t = torch.as_tensor(theta, dtype=torch.float32, device=src.device)
+    theta_t = to_device(theta, src.device, torch.float32)
     grid = F.affine_grid(theta_t, [src.shape[0], 1, *out_hw], align_corners=True)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
@@ -381,14 +383,15 @@ def _lanczos4_operator(in_size: int, out_size: int):
     return starts, mats
 
 
-def _apply_banded(x: torch.Tensor, op, out_size: int) -> torch.Tensor:
+def _apply_banded(x: torch.Tensor, op, out_size: int, key: tuple) -> torch.Tensor:
     """Resample float64 ``x`` ``(P, n, W)`` along dim 1 with a :func:`_banded_operator`;
     returns ``(P, out_size, W)``. One broadcast batched matmul over the blocks, no transposes."""
     starts, mats = op
     groups, block, span = mats.shape
-    idx = torch.from_numpy(starts[:, None] + np.arange(span)).reshape(-1).to(x.device)
-    xs = x.index_select(1, idx).unflatten(1, (groups, span))  # (P, G, L, W)
-    y = torch.matmul(torch.tensor(mats, device=x.device), xs)  # (P, G, B, W)
+    # key names the operator: its tables are uploaded once per device
+    idx = device_constant((*key, "idx"), x.device, lambda: starts[:, None] + np.arange(span))
+    xs = x.index_select(1, idx.reshape(-1)).unflatten(1, (groups, span))  # (P, G, L, W)
+    y = torch.matmul(device_constant((*key, "mats"), x.device, lambda: mats), xs)  # (P, G, B, W)
     return y.flatten(1, 2)[:, :out_size]
 
 
@@ -405,8 +408,9 @@ def _resize_lanczos4_u8(images: torch.Tensor, out_hw: tuple[int, int]) -> torch.
     vertical = _lanczos4_operator(h, out_hw[0])
     x = torch.empty((n, c, w, h), dtype=torch.float64, device=images.device)
     x.copy_(images.permute(0, 3, 2, 1))  # (N, C, w, h): the horizontal pass runs on dim 1
-    x = _apply_banded(x.flatten(0, 1), horizontal, out_hw[1])  # (N*C, W, h)
-    x = _apply_banded(x.transpose(1, 2), vertical, out_hw[0])  # (N*C, H, W)
+    x = _apply_banded(x.flatten(0, 1), horizontal, out_hw[1], ("lanczos4", w, out_hw[1]))
+    x = _apply_banded(x.transpose(1, 2), vertical, out_hw[0], ("lanczos4", h, out_hw[0]))
+    # x: (N*C, H, W)
     # Round off the 22 fractional bits (exact: a power-of-two scale) and saturate.
     x = x.add_(1 << 21).mul_(2.0**-22).floor_().clamp_(0, 255)
     return x.unflatten(0, (n, c))
@@ -427,7 +431,11 @@ def crops_to_model_input(crops, resolution: int) -> torch.Tensor:
     levels = _resize_lanczos4_u8(t, (resolution, resolution)).to(torch.int64)
     # The 256 possible values, computed on the CPU as the reference does: a CUDA division by a
     # scalar multiplies by its reciprocal, which can differ in the last bit.
-    lut = ((torch.arange(256, dtype=torch.float32) / 255.0 - 0.5) / 0.5).to(levels.device)
+    lut = device_constant(
+        ("u8_to_unit",),
+        levels.device,
+        lambda: (torch.arange(256, dtype=torch.float32) / 255.0 - 0.5) / 0.5,
+    )
     return lut[levels]
 
 
@@ -499,7 +507,7 @@ def _soft_mask(coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     edge = np.sqrt(np.maximum(area, 0)).astype(np.int64) // 20
     soft = torch.empty_like(eroded)
     for e in np.unique(edge).tolist():  # frames of one chunk share one or two edge widths
-        idx = torch.as_tensor(np.nonzero(edge == e)[0], device=coverage.device)
+        idx = to_device(np.nonzero(edge == e)[0], coverage.device)
         # cv2.erode with an empty kernel (tiny faces, e = 0) falls back to 3 x 3.
         center = _erode(eroded[idx], 2 * e if e > 0 else 3)
         ksize = 2 * e + 1
@@ -516,6 +524,51 @@ def _crop_hw_for(faces: torch.Tensor, resolution: int | None) -> tuple[int, int]
     return crop_size(int(fh)) if fh == fw else (int(fh), int(fw))
 
 
+@dataclass(frozen=True)
+class PasteMask:
+    """Where :func:`restore` pastes each face and how strongly: a function of the matrices and
+    the sizes only, so it can be made before the faces exist (the pipeline makes it while the
+    model runs ahead; computing it needs one read-back of the mask areas).
+
+    origins: ``(N, 2)`` int, each frame's window (x0, y0); window: its ``(height, width)``;
+    theta: ``(N, 2, 3)`` window-normalised -> crop-normalised maps; coverage, eroded, soft:
+    ``(N, 1, height, width)`` float32 on the device (see :func:`_soft_mask`).
+    """
+
+    origins: np.ndarray
+    window: tuple[int, int]
+    theta: np.ndarray
+    coverage: torch.Tensor
+    eroded: torch.Tensor
+    soft: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+
+def paste_mask(
+    matrices, frame_hw: tuple[int, int], crop_hw: tuple[int, int], device: torch.device | str
+) -> PasteMask:
+    """The :class:`PasteMask` of crops of size ``crop_hw`` made with ``matrices`` ``(N, 2, 3)``
+    from frames of size ``frame_hw``, on ``device``."""
+    n = len(matrices)
+    m = _as_matrices(matrices, n)
+    h, w = crop_hw
+    # Frame region the crop reaches: its rectangle grown by the bilinear footprint.
+    inv = invert_transforms(m)
+    corners = np.array([[-1, -1], [w, -1], [-1, h], [w, h]], dtype=np.float64)
+    reach = _apply(inv, corners)
+    origins, (wh, ww) = _windows(reach.min(1), reach.max(1), tuple(frame_hw), margin=4)
+    # window-normalised -> window px -> frame px -> crop px -> crop-normalised.
+    shift = np.eye(3)[None].repeat(n, 0)
+    shift[:, :2, 2] = origins
+    theta = (_norm((h, w)) @ _to3(m) @ shift @ np.linalg.inv(_norm((wh, ww))))[:, :2]
+    ones = torch.ones((n, 1, h, w), dtype=torch.float32, device=device)
+    coverage = _sample(ones, theta, (wh, ww))  # (N, 1, wh, ww)
+    eroded, soft = _soft_mask(coverage)
+    return PasteMask(origins, (wh, ww), theta, coverage, eroded, soft)
+
+
 def restore(
     frames,
     faces: torch.Tensor,
@@ -524,6 +577,7 @@ def restore(
     resolution: int | None = None,
     quantize: bool = True,
     inplace: bool = False,
+    mask: PasteMask | None = None,
 ):
     """Paste generated faces back into their frames.
 
@@ -536,6 +590,7 @@ def restore(
     quantize: convert the face to uint8 (truncating) before warping, as the reference pipeline
         does; ``False`` warps the float face (slightly more accurate).
     inplace: write into ``frames`` instead of a copy.
+    mask: the :func:`paste_mask` of these matrices, frame and crop sizes, if made already.
     returns: ``(N, H, W, 3)`` uint8, the same kind as ``frames``. Only pixels the (blurred) paste
         mask reaches can change; everything else is returned bit-identical.
 
@@ -547,16 +602,19 @@ def restore(
     """
     dst, is_numpy = _as_frames(frames)
     n, H, W, _ = dst.shape
-    m = _as_matrices(matrices, n)
     if not isinstance(faces, torch.Tensor):
         faces = torch.as_tensor(faces)
     if faces.ndim != 4 or faces.shape[0] != n or faces.shape[1] != 3:
         raise ValueError(f"faces must be ({n}, 3, h, w), got {tuple(faces.shape)}")
     out = dst if inplace else dst.clone()
     if n == 0:
+        _as_matrices(matrices, n)
         return out.numpy() if is_numpy else out
     crop_hw = _crop_hw_for(faces, resolution)
-    h, w = crop_hw
+    if mask is None:
+        mask = paste_mask(matrices, (H, W), crop_hw, dst.device)
+    elif len(mask) != n:
+        raise ValueError(f"the paste mask is for {len(mask)} frames, not {n}")
 
     face = faces.to(device=dst.device, dtype=torch.float32)
     if tuple(face.shape[-2:]) != crop_hw:
@@ -566,26 +624,13 @@ def restore(
     face = (face / 2 + 0.5).clamp(0, 1) * 255
     if quantize:
         face = _truncate_u8(face).float()
-    face = torch.cat([face, torch.ones_like(face[:, :1])], dim=1)  # + coverage channel
 
-    # Frame region the crop reaches: its rectangle grown by the bilinear footprint.
-    inv = invert_transforms(m)
-    corners = np.array([[-1, -1], [w, -1], [-1, h], [w, h]], dtype=np.float64)
-    reach = _apply(inv, corners)
-    origins, (wh, ww) = _windows(reach.min(1), reach.max(1), (H, W), margin=4)
-
-    # window-normalised -> window px -> frame px -> crop px -> crop-normalised.
-    shift = np.eye(3)[None].repeat(n, 0)
-    shift[:, :2, 2] = origins
-    theta = _norm((h, w)) @ _to3(m) @ shift @ np.linalg.inv(_norm((wh, ww)))
-    warped = _sample(face, theta[:, :2], (wh, ww))  # (N, 4, wh, ww)
-    coverage = warped[:, 3:]
-    inv_face = warped[:, :3] + (1.0 - coverage) * FILL_VALUE
-
-    eroded, soft = _soft_mask(coverage)
-    base = _gather_windows(dst, origins, (wh, ww))
-    blended = soft * (eroded * inv_face) + (1 - soft) * base
+    wh, ww = mask.window
+    warped = _sample(face, mask.theta, (wh, ww))  # (N, 3, wh, ww)
+    inv_face = warped + (1.0 - mask.coverage) * FILL_VALUE
+    base = _gather_windows(dst, mask.origins, (wh, ww))
+    blended = mask.soft * (mask.eroded * inv_face) + (1 - mask.soft) * base
     blended = blended.clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # plain truncation
-    for i, (x, y) in enumerate(origins.tolist()):
+    for i, (x, y) in enumerate(mask.origins.tolist()):
         out[i, y : y + wh, x : x + ww] = blended[i]
     return out.numpy() if is_numpy else out

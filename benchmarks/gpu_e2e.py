@@ -12,6 +12,7 @@ not fit beside the others in what travels to the GPU machine). Writes one JSON l
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -134,6 +135,8 @@ def main() -> None:
                 }
             )  # fmt: skip
         results[mode] = frames_in_memory(pipe, args.video, wav, opts)
+        digest = hashlib.md5(results[mode].tobytes()).hexdigest()
+        emit({"what": "output_md5", "mode": mode, "frames": len(results[mode]), "md5": digest})
     for mode, frames in results.items():
         other = results.get(mode.removesuffix("+blocking"))
         if mode.endswith("+blocking") and other is not None:
@@ -226,11 +229,15 @@ def blocking_copies(on: bool) -> None:
     copies blocking (lipsync.transfer.BLOCKING) and waits for each chunk's download at once,
     instead of the pipeline's pinned non-blocking copies."""
     import lipsync.pipeline as pl
-    import lipsync.transfer as transfer
 
+    try:
+        import lipsync.transfer as transfer
+    except ImportError:  # an older tree (A/B runs against a previous commit)
+        transfer = None
     if not _ORIGINAL:
         _ORIGINAL.update(rgb_to_yuv420=pl.rgb_to_yuv420)
-    transfer.BLOCKING = on
+    if transfer is not None:
+        transfer.BLOCKING = on
     if not on:
         pl.rgb_to_yuv420 = _ORIGINAL["rgb_to_yuv420"]
         return

@@ -130,10 +130,7 @@ def run(
         typer.Option(help="Folder that keeps each video's face track for later runs on it."),
     ] = None,
     compile: Annotated[
-        str,
-        typer.Option(
-            help="torch.compile the U-Net: none, regional, regional-autotune, full (CUDA pays off)."
-        ),
+        str, typer.Option(help="torch.compile the U-Net: none, regional, full (CUDA: pays off).")
     ] = "none",
     mode: Annotated[str, typer.Option(help=_MODE_HELP)] = "exact",
     scheduler: Annotated[
@@ -212,9 +209,7 @@ def bench(
     frames: Annotated[int, typer.Option(help="Frames per chunk.")] = 16,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
     mode: Annotated[str, typer.Option(help=_MODE_HELP)] = "exact",
-    compile: Annotated[
-        str, typer.Option(help="none, regional, regional-autotune, full, full-cudagraphs.")
-    ] = "none",
+    compile: Annotated[str, typer.Option(help="none, regional, full, full-cudagraphs.")] = "none",
     chunks: Annotated[int, typer.Option(help="Chunks timed after one warm-up chunk.")] = 2,
     device: Annotated[str | None, typer.Option(help="cuda or cpu.")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,

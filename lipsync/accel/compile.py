@@ -15,7 +15,7 @@ from lipsync.models.layers import Downsample3D, ResnetBlock3D, Upsample3D
 from lipsync.models.transformer import MotionModule, SpatialTransformer
 
 REGIONS = (ResnetBlock3D, SpatialTransformer, MotionModule, Downsample3D, Upsample3D)
-MODES = ("none", "regional", "regional-autotune", "full", "full-cudagraphs")
+MODES = ("none", "regional", "full", "full-cudagraphs")
 
 
 def compile_unet(unet: nn.Module, mode: str = "regional") -> nn.Module:
@@ -24,15 +24,12 @@ def compile_unet(unet: nn.Module, mode: str = "regional") -> nn.Module:
         raise ConfigError(f"unknown compile mode {mode!r}; choose one of: {', '.join(MODES)}")
     if mode == "none":
         return unet
-    if mode.startswith("regional"):
+    if mode == "regional":
         # One block class sees a dozen (channels, size) combinations; compile each once.
-        # regional-autotune: inductor also benchmarks its own GEMM/conv kernels against
-        # cuBLAS/cuDNN per shape (slower cold start; no CUDA graphs).
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        inductor_mode = "max-autotune-no-cudagraphs" if mode == "regional-autotune" else None
         for module in unet.modules():
             if isinstance(module, REGIONS):
-                module.compile(dynamic=False, mode=inductor_mode)
+                module.compile(dynamic=False)
         return unet
     inductor_mode = "reduce-overhead" if mode == "full-cudagraphs" else "default"
     return torch.compile(unet, mode=inductor_mode, dynamic=False)

@@ -216,6 +216,38 @@ def test_concurrent_requests_share_one_batch(server, local):
     assert counts["nv_inference_count"] > counts["nv_inference_exec_count"], counts
 
 
+def test_two_instances_run_requests_side_by_side(bundle, local):
+    """--instances 2 without batching: two model calls overlap, and every result equals the
+    in-process one bit for bit (the instances share one ModelHost and its denoisers)."""
+    http, grpc, metrics = free_ports(3)
+    options = ServerOptions(
+        preset="tiny", device="cpu", http_port=http, grpc_port=grpc, metrics_port=metrics,
+        max_batch_size=1, queue_delay_us=0, instances=2,
+    )  # fmt: skip
+    service = start_server(options, ModelHost(bundle))
+    try:
+        mask = torch.from_numpy(make_mask(local.resolution))
+        chunks = [make_chunk(local.resolution, seed=30 + i, frames=8) for i in range(4)]
+        expected = [local.denoise(f, w, mask, 9, i, STEPS) for i, (f, w) in enumerate(chunks)]
+        results: list = [None] * 4
+
+        def work(i):
+            with TritonEngine(f"grpc://{service.grpc_url}", shared_memory="none") as e:
+                results[i] = e.denoise(*chunks[i], mask, 9, i, STEPS)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert dict(service.host.batch_sizes) == {1: 4}  # no batching: 4 separate calls
+        assert service.host.max_active_calls == 2  # ... two at a time
+        for got, want in zip(results, expected, strict=True):
+            assert torch.equal(got, want)
+    finally:
+        service.stop()
+
+
 @pytest.fixture(scope="module")
 def short_clip(tmp_path_factory):
     """0.8 s of the demo's face (320x320) and 0.8 s of speech-like audio."""

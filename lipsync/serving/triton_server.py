@@ -198,6 +198,9 @@ class ModelHost:
         self._lock = threading.Lock()
         # chunks per `lipsync` model call -> number of calls (tests and the log read this)
         self.batch_sizes: Counter[int] = Counter()
+        # model calls running at once now / at most so far (several --instances overlap)
+        self.active_calls = 0
+        self.max_active_calls = 0
 
     @property
     def dtype_name(self) -> str:
@@ -261,8 +264,19 @@ class ModelHost:
         rows = sum(len(m) for m in groups.values())
         with self._lock:
             self.batch_sizes[rows] += 1
+            self.active_calls += 1
+            self.max_active_calls = max(self.max_active_calls, self.active_calls)
         LOG.debug("lipsync call: %d request(s), %d chunk(s), %d group(s)", len(requests), rows,
                   len(groups))  # fmt: skip
+        try:
+            self._run_groups(requests, groups, masks, outputs)
+        finally:
+            with self._lock:
+                self.active_calls -= 1
+        return [{"faces_out": o} for o in outputs]
+
+    def _run_groups(self, requests, groups, masks, outputs) -> None:
+        """Denoise each group of same-shaped chunks in one batch, into ``outputs``."""
         for (_, options, mask_key), members in groups.items():
             levels = np.stack([requests[i]["faces"][j] for i, j in members])
             levels = torch.from_numpy(levels).to(self.device)
@@ -276,7 +290,6 @@ class ModelHost:
             out = out.numpy()
             for b, (i, j) in enumerate(members):
                 outputs[i][j] = out[b]
-        return [{"faces_out": o} for o in outputs]
 
     # -- audio_features -----------------------------------------------------------------------
 

@@ -387,7 +387,7 @@ class LipSyncPipeline:
         if on_device:
             src = frames if every else frames[to_device(sel, dev)]
         else:
-            src = torch.from_numpy(frames if every else frames[sel]).to(dev)
+            src = to_device(frames if every else frames[sel], dev)
         with record_function("lipsync.align"):
             crops = warp_faces(src, mats, self.resolution)
             faces = crops_to_model_input(crops, self.resolution)  # (k, 3, r, r) in [-1, 1]

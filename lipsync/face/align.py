@@ -270,11 +270,20 @@ def _gather_windows(frames: torch.Tensor, origins: np.ndarray, hw: tuple[int, in
     return win.permute(0, 3, 1, 2).float()
 
 
+def _grid(theta: np.ndarray, out_hw: tuple[int, int], device) -> torch.Tensor:
+    """Sampling grid (N, h, w, 2) of normalised (N, 2, 3) output->input maps, on ``device``."""
+    theta_t = to_device(theta, device, torch.float32)
+    return F.affine_grid(theta_t, [len(theta), 1, *out_hw], align_corners=True)
+
+
+def _sample_grid(src: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear, zero padded: (N, C, h, w) sampled at a :func:`_grid`."""
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
 def _sample(src: torch.Tensor, theta: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
     """Bilinear, zero padded: (N, C, h, w) and normalised (N, 2, 3) output->input maps."""
-    theta_t = to_device(theta, src.device, torch.float32)
-    grid = F.affine_grid(theta_t, [src.shape[0], 1, *out_hw], align_corners=True)
-    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return _sample_grid(src, _grid(theta, out_hw, src.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,13 +540,14 @@ class PasteMask:
     model runs ahead; computing it needs one read-back of the mask areas).
 
     origins: ``(N, 2)`` int, each frame's window (x0, y0); window: its ``(height, width)``;
-    theta: ``(N, 2, 3)`` window-normalised -> crop-normalised maps; coverage, eroded, soft:
+    grid: ``(N, height, width, 2)``, where each window pixel samples the crop (made once, used
+    for the coverage here and for the face in :func:`restore`); coverage, eroded, soft:
     ``(N, 1, height, width)`` float32 on the device (see :func:`_soft_mask`).
     """
 
     origins: np.ndarray
     window: tuple[int, int]
-    theta: np.ndarray
+    grid: torch.Tensor
     coverage: torch.Tensor
     eroded: torch.Tensor
     soft: torch.Tensor
@@ -563,10 +573,11 @@ def paste_mask(
     shift = np.eye(3)[None].repeat(n, 0)
     shift[:, :2, 2] = origins
     theta = (_norm((h, w)) @ _to3(m) @ shift @ np.linalg.inv(_norm((wh, ww))))[:, :2]
+    grid = _grid(theta, (wh, ww), device)
     ones = torch.ones((n, 1, h, w), dtype=torch.float32, device=device)
-    coverage = _sample(ones, theta, (wh, ww))  # (N, 1, wh, ww)
+    coverage = _sample_grid(ones, grid)  # (N, 1, wh, ww)
     eroded, soft = _soft_mask(coverage)
-    return PasteMask(origins, (wh, ww), theta, coverage, eroded, soft)
+    return PasteMask(origins, (wh, ww), grid, coverage, eroded, soft)
 
 
 def restore(
@@ -626,7 +637,7 @@ def restore(
         face = _truncate_u8(face).float()
 
     wh, ww = mask.window
-    warped = _sample(face, mask.theta, (wh, ww))  # (N, 3, wh, ww)
+    warped = _sample_grid(face, mask.grid)  # (N, 3, wh, ww)
     inv_face = warped + (1.0 - mask.coverage) * FILL_VALUE
     base = _gather_windows(dst, mask.origins, (wh, ww))
     blended = mask.soft * (mask.eroded * inv_face) + (1 - mask.soft) * base

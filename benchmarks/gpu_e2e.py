@@ -121,7 +121,7 @@ def main() -> None:
     for mode in modes:
         blocking_copies(mode.endswith("+blocking"))
         spec = mode.removesuffix("+blocking")
-        opts = base if spec == "exact" else _with_mode(base, spec)
+        opts = base if spec == "exact" else with_mode(base, spec)
         if not args.skip_timing:
             first = timed_run(pipe, args.video, args.audio, out / f"{mode}.mp4", opts)
             while args.start_after and not Path(args.start_after).exists():
@@ -180,18 +180,23 @@ def main() -> None:
                     )  # fmt: skip
 
 
+def write_audio_clip(audio: str, frames: int, path) -> str:
+    """The first ``frames`` video frames' worth of ``audio`` as a 16 kHz mono wav at ``path``."""
+    import wave
+
+    wav = load_audio(audio)[: int(frames * 16000 / FPS)]
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes())
+    return str(path)
+
+
 def profile_run(pipe, args, opts, out: Path, mode: str) -> None:
     """torch.profiler over one run of --profile-frames frames: wall time, GPU kernel time, and
     each pipeline range's CPU and GPU time (lipsync.* record_function ranges)."""
-    import wave
-
     from torch.profiler import ProfilerActivity, profile
 
-    wav = load_audio(args.audio)[: int(args.profile_frames * 16000 / FPS)]
-    clip = out / "profile_audio.wav"
-    with wave.open(str(clip), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
-        w.writeframes((np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes())
+    clip = write_audio_clip(args.audio, args.profile_frames, out / "profile_audio.wav")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     pipe.run(args.video, clip, out / "profile.mp4", opts)  # warm (shapes of a short last chunk)
     with profile(activities=acts) as prof:
@@ -250,7 +255,7 @@ def blocking_copies(on: bool) -> None:
     pl.rgb_to_yuv420 = rgb_to_yuv420
 
 
-def _with_mode(base: RunOptions, spec: str) -> RunOptions:
+def with_mode(base: RunOptions, spec: str) -> RunOptions:
     """A mode spec of benchmarks/quality_modes.py (``fast``, ``dpm10+fast``, ``cache2``, ...)."""
     from dataclasses import replace
 

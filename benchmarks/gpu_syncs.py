@@ -17,10 +17,9 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # quality_modes
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_e2e
 
 import torch  # noqa: E402
 
@@ -47,23 +46,14 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=48)
     ap.add_argument("--modes", default="exact")
     args = ap.parse_args()
-    import numpy as np
-    from quality_modes import parse_mode
+    from gpu_e2e import with_mode, write_audio_clip
 
-    from lipsync.audio import load_audio
-
-    wav = load_audio(args.audio)[: args.frames * 640]
-    clip = args.out + ".wav"
-    import wave
-
-    with wave.open(clip, "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
-        w.writeframes((np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes())
+    clip = write_audio_clip(args.audio, args.frames, args.out + ".wav")
     models = load_models(args.preset, device="cuda", dtype=torch.bfloat16, random_weights=True)
     pipe = LipSyncPipeline(models)
     base = RunOptions(seed=1247, face_cache=args.face_cache, force=True)
     for spec in args.modes.split(","):
-        opts = base if spec == "exact" else replace(base, **parse_mode(spec, base.steps))
+        opts = base if spec == "exact" else with_mode(base, spec)
         pipe.run(args.video, clip, args.out, opts)  # warm-up
         sites: collections.Counter = collections.Counter()
 

@@ -32,10 +32,20 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports (all bound at once, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,8 @@ import urllib.request
 import av
 import pytest
 from media_factory import make_audio, make_video, speechlike
+from serving_fixtures import free_port
 from test_pipeline import small_demo_frames  # noqa: F401 - fixture
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import pytest
 import torch
 from conftest import MEDIA
 from media_factory import make_audio, make_video, speechlike
+from serving_fixtures import free_ports
 
 pytest.importorskip("pytriton", reason="the serve extra is not installed")
 
@@ -48,17 +49,6 @@ from lipsync.serving.triton_server import (  # noqa: E402
 
 TOKEN = "lipsync-test-token"
 STEPS = DenoiseOptions(steps=3)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture(scope="module")

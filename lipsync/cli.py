@@ -89,7 +89,10 @@ _MODE_HELP = (
 _CACHE_INTERVAL_HELP = "DeepCache: full U-Net every N-th step (1: off). Overrides the mode's."
 _CACHE_BRANCH_HELP = "DeepCache skip branch (0: shallowest, fastest). Overrides the mode's."
 _GUIDANCE_STEPS_HELP = "Share of the steps, from the first, with guidance (1: all)."
-_FP8_HELP = "FP8 matmuls in the U-Net's big linear layers (CUDA, capability >= 8.9; approximate)."
+_FP8_HELP = (
+    "FP8 matmuls in the U-Net's big linear layers (CUDA, capability >= 8.9; approximate). "
+    "Saves 0.6 GiB of weights but ran slower than bf16 on an H100 (docs/PERFORMANCE.md)."
+)
 
 
 @app.command()

@@ -190,7 +190,7 @@ def bench_model(
     ``fp8`` converts the U-Net's big linear layers (CUDA, capability ≥ 8.9). FLOPs are those the
     loop really runs (cached steps count their shallow part only); ``unet_flop_share_of_exact``
     compares them with the exact loop's."""
-    from lipsync.accel.compile import compile_unet
+    from lipsync.accel.compile import compile_unet, compile_vae
     from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
     from lipsync.face.mask import make_mask
     from lipsync.models.bundle import load_models
@@ -232,7 +232,10 @@ def bench_model(
         for gd, fl in sorted(set(plan), reverse=True)
     }
 
-    compile_unet(models.unet, compile_mode)
+    # the denoiser must call what compile_unet returns: "full" modes wrap rather than patch
+    den.unet = compile_unet(models.unet, compile_mode)
+    if compile_mode != "none":
+        compile_vae(models.vae, "regional")  # as `lipsync run --compile` does
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     den.stage_seconds = {}
@@ -375,44 +378,3 @@ def bench_video(
         "gpu_busy_share": _rounded(busy.share),
         "gpu_busy_source": busy.source,
     }
-
-
-def profile_model(
-    out_dir: str,
-    preset: str = "tiny",
-    frames: int = 16,
-    steps: int = 2,
-    device: str | None = None,
-    dtype: str | None = None,
-    rows: int = 25,
-) -> str:
-    """Profile one chunk through the model (torch.profiler): writes a Chrome trace to
-    ``out_dir/trace.json`` and returns a top-operators table (CPU and device time, calls,
-    host↔device copies show up as ``aten::copy_`` / ``Memcpy`` rows)."""
-    import os
-
-    from torch.profiler import ProfilerActivity, profile
-
-    from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
-    from lipsync.face.mask import make_mask
-    from lipsync.models.bundle import load_models
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    models = load_models(preset, device=dev, dtype=dt)
-    res = models.preset.resolution
-    den = ChunkDenoiser(models.unet, models.vae, torch.from_numpy(make_mask(res)),
-                        DenoiseOptions(steps))  # fmt: skip
-    g = torch.Generator(device=dev).manual_seed(0)
-    faces = torch.rand(frames, 3, res, res, device=dev, generator=g) * 2 - 1
-    audio = torch.randn(frames, 50, 384, device=dev, generator=g)
-    noise = initial_noise(frames, res // 8, g, dev, models.dtype)
-    den(faces, audio, noise, g)  # warm-up
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=activities, record_shapes=False) as prof:
-        den(faces, audio, noise, g)
-        sync(dev)
-    os.makedirs(out_dir, exist_ok=True)
-    prof.export_chrome_trace(os.path.join(out_dir, "trace.json"))
-    key = "device_time_total" if dev.type == "cuda" else "cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)

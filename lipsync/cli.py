@@ -267,23 +267,39 @@ def bench(
 
 @app.command()
 def profile(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for trace.json.")] = Path(
-        "lipsync-profile"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for trace.json and summary.json.")
+    ] = Path("lipsync-profile"),
     preset: Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5 or tiny.")] = "tiny",
     frames: Annotated[int, typer.Option(help="Frames per chunk.")] = 16,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 2,
+    mode: Annotated[str, typer.Option(help=_MODE_HELP)] = "exact",
+    scheduler: Annotated[
+        str, typer.Option(help="ddim (reference) or dpm++ (fewer steps).")
+    ] = "ddim",
+    compile: Annotated[str, typer.Option(help="none, regional, full, full-cudagraphs.")] = "none",
     device: Annotated[str | None, typer.Option(help="cuda or cpu.")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="Profile the architecture without checkpoints.")
+    ] = False,
+    fp8: Annotated[bool, typer.Option("--fp8", help=_FP8_HELP)] = False,
+    rows: Annotated[int, typer.Option(help="Rows of the top-operators table.")] = 25,
 ) -> None:
-    """Profile one chunk: Chrome trace + top-operators table (CPU and device time, calls)."""
-    from lipsync.bench import profile_model
+    """Profile one chunk (after a warm-up chunk): top operators, time by kernel class and by
+    stage, and a Chrome trace."""
     from lipsync.config import get_preset
+    from lipsync.profiling import format_summary, profile_model
 
     get_preset(preset)
-    table = profile_model(str(out), preset, frames, steps, device, dtype)
+    table, summary = profile_model(
+        str(out), preset, frames, steps, device, dtype, rows, mode=mode, compile_mode=compile,
+        random_weights=random_weights, fp8=fp8, scheduler=scheduler,
+    )  # fmt: skip
     typer.echo(table)
+    typer.echo(format_summary(summary))
     console.print(f"trace: {out / 'trace.json'} (open in chrome://tracing or Perfetto)")
+    console.print(f"summary: {out / 'summary.json'}")
 
 
 @app.command()

@@ -163,6 +163,68 @@ def unet_flops_by_call(unet: UNet3D, frames: int, latent: int, options, device, 
     return counts
 
 
+@dataclass
+class SyntheticChunk:
+    """One chunk of synthetic faces/audio/noise and a denoiser for it (bench and profile)."""
+
+    models: object  # lipsync.models.bundle.ModelBundle
+    denoiser: object  # lipsync.diffusion.ChunkDenoiser
+    device: torch.device
+    dtype: str
+    faces: torch.Tensor  # (f, 3, r, r) in [-1, 1]
+    audio: torch.Tensor  # (f, 50, 384)
+    noise: torch.Tensor  # (1, 4, f, r/8, r/8)
+    generator: torch.Generator
+
+    def run(self) -> torch.Tensor:
+        return self.denoiser(self.faces, self.audio, self.noise, self.generator)
+
+    def compile(self, mode: str) -> None:
+        """Compile like ``lipsync run --compile``: the U-Net in ``mode``, the VAE regionally.
+        The denoiser calls what compile_unet returns ("full" modes wrap rather than patch)."""
+        from lipsync.accel.compile import compile_unet, compile_vae
+
+        self.denoiser.unet = compile_unet(self.models.unet, mode)
+        if mode != "none":
+            compile_vae(self.models.vae, "regional")
+
+
+def synthetic_chunk(
+    preset: str,
+    frames: int,
+    options,
+    device: str | None = None,
+    dtype: str | None = None,
+    random_weights: bool = False,
+    fp8: bool = False,
+) -> SyntheticChunk:
+    """Load ``preset`` (on CUDA if there is one; bf16 there, fp32 on the CPU, unless ``dtype``),
+    FP8-convert it if asked (ConfigError without an FP8 GPU), and make one seeded chunk."""
+    from lipsync.diffusion import ChunkDenoiser, initial_noise
+    from lipsync.face.mask import make_mask
+    from lipsync.models.bundle import load_models
+
+    options.validate()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    if fp8:
+        from lipsync.accel.fp8 import require_fp8_device
+
+        require_fp8_device(dev)
+    models = load_models(preset, device=dev, dtype=dt, random_weights=random_weights)
+    if fp8:
+        from lipsync.accel.fp8 import convert_unet_to_fp8
+
+        convert_unet_to_fp8(models.unet)
+    res = models.preset.resolution
+    den = ChunkDenoiser(models.unet, models.vae, torch.from_numpy(make_mask(res)), options)
+    g = torch.Generator(device=dev).manual_seed(0)
+    faces = torch.rand(frames, 3, res, res, device=dev, generator=g) * 2 - 1
+    audio = torch.randn(frames, 50, 384, device=dev, generator=g)
+    noise = initial_noise(frames, res // 8, g, dev, models.dtype)
+    return SyntheticChunk(models, den, dev, dt, faces, audio, noise, g)
+
+
 def bench_model(
     preset: str = "tiny",
     frames: int = 16,
@@ -190,33 +252,15 @@ def bench_model(
     ``fp8`` converts the U-Net's big linear layers (CUDA, capability ≥ 8.9). FLOPs are those the
     loop really runs (cached steps count their shallow part only); ``unet_flop_share_of_exact``
     compares them with the exact loop's."""
-    from lipsync.accel.compile import compile_unet, compile_vae
-    from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
-    from lipsync.face.mask import make_mask
-    from lipsync.models.bundle import load_models
+    from lipsync.diffusion import DenoiseOptions
 
     options = DenoiseOptions.for_mode(
         mode, steps=steps, guidance=guidance, scheduler=scheduler, cache_interval=cache_interval,
         cache_branch=cache_branch, guidance_steps=guidance_steps,
     )  # fmt: skip
-    options.validate()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    if fp8:
-        from lipsync.accel.fp8 import require_fp8_device
-
-        require_fp8_device(dev)
-    models = load_models(preset, device=dev, dtype=dt, random_weights=random_weights)
-    if fp8:
-        from lipsync.accel.fp8 import convert_unet_to_fp8
-
-        convert_unet_to_fp8(models.unet)
+    chunk = synthetic_chunk(preset, frames, options, device, dtype, random_weights, fp8)
+    models, den, dev, dt = chunk.models, chunk.denoiser, chunk.device, chunk.dtype
     res = models.preset.resolution
-    den = ChunkDenoiser(models.unet, models.vae, torch.from_numpy(make_mask(res)), options)
-    g = torch.Generator(device=dev).manual_seed(0)
-    faces = torch.rand(frames, 3, res, res, device=dev, generator=g) * 2 - 1
-    audio = torch.randn(frames, 50, 384, device=dev, generator=g)
-    noise = initial_noise(frames, res // 8, g, dev, models.dtype)
 
     # FLOPs, counted before compiling: a first call under the FLOP counter's dispatch mode
     # would leave the compiled regions running eagerly
@@ -232,21 +276,18 @@ def bench_model(
         for gd, fl in sorted(set(plan), reverse=True)
     }
 
-    # the denoiser must call what compile_unet returns: "full" modes wrap rather than patch
-    den.unet = compile_unet(models.unet, compile_mode)
-    if compile_mode != "none":
-        compile_vae(models.vae, "regional")  # as `lipsync run --compile` does
+    chunk.compile(compile_mode)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     den.stage_seconds = {}
     t0 = time.perf_counter()
-    den(faces, audio, noise, g)
+    chunk.run()
     warmup_s = time.perf_counter() - t0
     den.stage_seconds = {}
     t0 = time.perf_counter()
     with GpuBusy(_device_index(dev)) as busy:
         for _ in range(chunks):
-            den(faces, audio, noise, g)
+            chunk.run()
         sync(dev)
     total = time.perf_counter() - t0
     n = frames * chunks

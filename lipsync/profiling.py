@@ -180,38 +180,19 @@ def profile_model(
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from lipsync.accel.compile import compile_unet, compile_vae
-    from lipsync.bench import sync
-    from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
-    from lipsync.face.mask import make_mask
-    from lipsync.models.bundle import load_models
+    from lipsync.bench import sync, synthetic_chunk
+    from lipsync.diffusion import DenoiseOptions
 
     options = DenoiseOptions.for_mode(mode, steps=steps, scheduler=scheduler)
-    options.validate()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    if fp8:
-        from lipsync.accel.fp8 import convert_unet_to_fp8, require_fp8_device
-
-        require_fp8_device(dev)
-    models = load_models(preset, device=dev, dtype=dt, random_weights=random_weights)
-    if fp8:
-        convert_unet_to_fp8(models.unet)
-    models.unet = compile_unet(models.unet, compile_mode)
-    if compile_mode != "none":
-        compile_vae(models.vae, "regional")
-    res = models.preset.resolution
-    den = ChunkDenoiser(models.unet, models.vae, torch.from_numpy(make_mask(res)), options)
-    g = torch.Generator(device=dev).manual_seed(0)
-    faces = torch.rand(frames, 3, res, res, device=dev, generator=g) * 2 - 1
-    audio = torch.randn(frames, 50, 384, device=dev, generator=g)
-    noise = initial_noise(frames, res // 8, g, dev, models.dtype)
-    den(faces, audio, noise, g)  # warm-up (and compilation)
+    chunk = synthetic_chunk(preset, frames, options, device, dtype, random_weights, fp8)
+    chunk.compile(compile_mode)
+    dev, models, dt = chunk.device, chunk.models, chunk.dtype
+    chunk.run()  # warm-up (and compilation)
     sync(dev)
     on_device = dev.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     with profile(activities=activities, record_shapes=False) as prof:
-        den(faces, audio, noise, g)
+        chunk.run()
         sync(dev)
     os.makedirs(out_dir, exist_ok=True)
     prof.export_chrome_trace(os.path.join(out_dir, "trace.json"))

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lipsync.accel.compile import REGIONS, compile_unet  # noqa: E402
+from lipsync.accel.compile import compile_regions, compile_unet  # noqa: E402
 from lipsync.bench import (  # noqa: E402
     bench_unet_call,
     build_unet,
@@ -36,14 +36,6 @@ from lipsync.bench import (  # noqa: E402
     make_unet_inputs,
     matmul_peak_tflops,
 )
-
-
-def compile_regions(unet: torch.nn.Module, mode: str) -> None:
-    """Like compile_unet(..., "regional") but with an inductor ``mode``."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for module in unet.modules():
-        if isinstance(module, REGIONS):
-            module.compile(mode=mode, dynamic=False)
 
 
 @torch.inference_mode()

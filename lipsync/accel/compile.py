@@ -18,6 +18,16 @@ REGIONS = (ResnetBlock3D, SpatialTransformer, MotionModule, Downsample3D, Upsamp
 MODES = ("none", "regional", "full", "full-cudagraphs")
 
 
+def compile_regions(unet: nn.Module, inductor_mode: str | None = None) -> None:
+    """Compile every :data:`REGIONS` block of ``unet`` in place (inductor's ``inductor_mode``;
+    None: its default)."""
+    # One block class sees a dozen (channels, size) combinations; compile each once.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for module in unet.modules():
+        if isinstance(module, REGIONS):
+            module.compile(mode=inductor_mode, dynamic=False)
+
+
 def compile_unet(unet: nn.Module, mode: str = "regional") -> nn.Module:
     """Compile ``unet`` in place (regional) or wrap it (full). Returns the module to call."""
     if mode not in MODES:
@@ -25,11 +35,7 @@ def compile_unet(unet: nn.Module, mode: str = "regional") -> nn.Module:
     if mode == "none":
         return unet
     if mode == "regional":
-        # One block class sees a dozen (channels, size) combinations; compile each once.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for module in unet.modules():
-            if isinstance(module, REGIONS):
-                module.compile(dynamic=False)
+        compile_regions(unet)
         return unet
     inductor_mode = "reduce-overhead" if mode == "full-cudagraphs" else "default"
     return torch.compile(unet, mode=inductor_mode, dynamic=False)

@@ -17,8 +17,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lipsync.data.cli import data_app
 from lipsync.errors import LipSyncError
+from lipsync.eval.cli import eval_app
+from lipsync.export.cli import export_app
 from lipsync.serving.cli import serve_app
+from lipsync.train.cli import train_app
 
 app = typer.Typer(
     name="lipsync",
@@ -29,6 +33,10 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 app.add_typer(serve_app, name="serve")
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+app.add_typer(export_app, name="export")
 
 
 class RichProgress:

@@ -1,0 +1,1 @@
+"""Exported models: ONNX export, the ONNX Runtime engine, TensorRT engine builds."""

@@ -1,0 +1,14 @@
+"""``lipsync train …``: the command group (registered by :mod:`lipsync.cli`).
+
+Heavy imports (torch, media, models) happen inside the commands, so ``lipsync --help`` and
+argument errors stay fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+train_app = typer.Typer(
+    no_args_is_help=True,
+    help="Train SyncNet and the U-Net.",
+)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import fields, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from lipsync.config import LoadOptions
+from lipsync.constants import CompileMode
 from lipsync.errors import ConfigError
-from lipsync.models.bundle import load_models, parse_dtype
+from lipsync.loading import dtype_name, load_models
 from lipsync.pipeline import LipSyncPipeline, Progress, RunOptions, RunReport
 
 _OPTION_NAMES = {f.name for f in fields(RunOptions)}
@@ -54,45 +55,32 @@ class LipSync:
         dtype: str | torch.dtype | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         cpu_threads: int | None = None,
-        compile: str = "none",
+        compile: CompileMode = "none",
         fp8: bool = False,
+        random_weights: bool = False,
     ) -> LipSync:
         """Load a preset (``"1.6"``, ``"1.5"`` or ``"tiny"``) from the ``lipsync download`` cache.
 
-        ``device`` defaults to CUDA when available; ``dtype`` to fp16 on CUDA and fp32 on the
-        CPU. On the CPU, torch uses all cores but one (``cpu_threads``), leaving one for the
-        decoder and encoder threads that run beside the model. ``compile``: ``none``,
-        ``regional`` or ``full`` (:func:`lipsync.accel.compile.compile_unet`; on CUDA,
-        ``regional`` makes a U-Net call 1.6× faster after about two minutes of compiling).
-        ``fp8``: run the U-Net's big linear layers in FP8 (:mod:`lipsync.accel.fp8`; CUDA with
-        compute capability ≥ 8.9 and a bf16/fp16 model, else a ConfigError; approximate).
+        The arguments are the fields of :class:`~lipsync.config.LoadOptions`; ``None`` follows
+        the default policy of :mod:`lipsync.loading` (CUDA when present; fp16 on CUDA, fp32 on
+        the CPU; on the CPU all cores but one, leaving one for the decoder and encoder
+        threads). ``compile``: ``none``, ``regional`` or ``full``
+        (:func:`lipsync.accel.compile.compile_unet`; pays off on CUDA after minutes of
+        compiling, docs/PERFORMANCE.md). ``fp8``: run the U-Net's big linear layers in FP8
+        (:mod:`lipsync.accel.fp8`; CUDA with compute capability ≥ 8.9 and a bf16/fp16 model,
+        else a ConfigError; approximate).
         """
-        dev = torch.device(device) if device is not None else _default_device()
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for, but no CUDA GPU is available")
-        dt = parse_dtype(dtype) if dtype is not None else (
-            torch.float16 if dev.type == "cuda" else torch.float32
+        options = LoadOptions(
+            preset=version, device=None if device is None else str(device),
+            dtype=dtype_name(dtype), checkpoint_dir=checkpoint_dir, cpu_threads=cpu_threads,
+            compile=compile, fp8=fp8, random_weights=random_weights,
         )  # fmt: skip
-        if dev.type == "cpu":
-            torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 2) - 1))
-        root = Path(checkpoint_dir).expanduser() if checkpoint_dir else None
-        if fp8:
-            from lipsync.accel.fp8 import require_fp8_device
+        return cls.from_options(options)
 
-            require_fp8_device(dev)  # before the minutes of loading
-            if dt not in (torch.bfloat16, torch.float16):
-                raise ConfigError("--fp8 needs --dtype bf16 or fp16")
-        models = load_models(version, root, dev, dt)
-        if fp8:
-            from lipsync.accel.fp8 import convert_unet_to_fp8
-
-            convert_unet_to_fp8(models.unet)
-        if compile != "none":
-            from lipsync.accel.compile import compile_unet, compile_vae
-
-            models.unet = compile_unet(models.unet, compile)
-            compile_vae(models.vae, "regional")  # H100: VAE 26.5 -> 13.6 ms per frame
-        return cls(LipSyncPipeline(models))
+    @classmethod
+    def from_options(cls, options: LoadOptions) -> LipSync:
+        """Load the models ``options`` describe (:func:`lipsync.loading.load_models`)."""
+        return cls(LipSyncPipeline(load_models(options)))
 
     def run(
         self,
@@ -119,7 +107,3 @@ class LipSync:
         return self.pipeline.run_arrays(
             frames, waveform, _options(self.defaults, options), progress
         )
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

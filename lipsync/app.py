@@ -9,72 +9,49 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 
-from lipsync.config import PRESETS
+from lipsync.api import LipSync
+from lipsync.config import PRESETS, LoadOptions, get_preset
 from lipsync.errors import LipSyncError
-from lipsync.pipeline import Progress
+from lipsync.progress import StageProgress
 
 
-class GradioProgress(Progress):
-    """Maps pipeline stages onto one Gradio progress bar (faces 10%, denoising 85%, encoding)."""
-
-    WEIGHTS = {"faces": (0.0, 0.1), "denoising": (0.1, 0.95), "encoding": (0.95, 1.0)}
+class GradioProgress(StageProgress):
+    """The pipeline's stages on one Gradio progress bar (weighted: :mod:`lipsync.progress`)."""
 
     def __init__(self, progress):
+        super().__init__()
         self.progress = progress
-        self.totals: dict[str, int] = {}
-        self.done: dict[str, int] = {}
 
-    def start(self, stage: str, total: int) -> None:
-        self.totals[stage], self.done[stage] = max(1, total), 0
-        self._show(stage)
-
-    def advance(self, stage: str, n: int = 1) -> None:
-        self.done[stage] = self.done.get(stage, 0) + n
-        self._show(stage)
-
-    def finish(self, stage: str) -> None:
-        self.done[stage] = self.totals.get(stage, 1)
-        self._show(stage)
-
-    def _show(self, stage: str) -> None:
-        lo, hi = self.WEIGHTS.get(stage, (0.0, 1.0))
-        frac = min(1.0, self.done[stage] / self.totals[stage])
+    def changed(self, stage: str) -> None:
         done, total = self.done[stage], self.totals[stage]
-        self.progress(lo + (hi - lo) * frac, desc=f"{stage} {done}/{total}")
+        self.progress(self.fraction(), desc=f"{stage} {done}/{total}")
 
 
 class ModelCache:
     """One loaded :class:`~lipsync.api.LipSync` per preset, created on first use."""
 
-    def __init__(self, device: str | None, dtype: str | None, checkpoint_dir: str | None):
-        self.device, self.dtype, self.checkpoint_dir = device, dtype, checkpoint_dir
-        self._models: dict[str, object] = {}
+    def __init__(self, options: LoadOptions):
+        self.options = options
+        self._models: dict[str, LipSync] = {}
         self._lock = threading.Lock()
 
-    def get(self, preset: str):
-        from lipsync.api import LipSync
-
+    def get(self, preset: str) -> LipSync:
         with self._lock:
             if preset not in self._models:
-                self._models[preset] = LipSync.from_pretrained(
-                    preset, device=self.device, dtype=self.dtype,
-                    checkpoint_dir=self.checkpoint_dir,
-                )  # fmt: skip
+                self._models[preset] = LipSync.from_options(replace(self.options, preset=preset))
             return self._models[preset]
 
 
-def build_app(
-    default_preset: str = "v1.6",
-    device: str | None = None,
-    dtype: str | None = None,
-    checkpoint_dir: str | None = None,
-):
-    """The Gradio Blocks page (call ``.launch()`` on it)."""
+def build_app(options: LoadOptions):
+    """The Gradio Blocks page (call ``.launch()`` on it); ``options.preset`` is the default
+    preset, the others load with the same options."""
     import gradio as gr
 
-    cache = ModelCache(device, dtype, checkpoint_dir)
+    cache = ModelCache(options)
+    default_preset = get_preset(options.preset).name
     run_lock = threading.Lock()  # one run at a time on one GPU
 
     def synthesize(video, audio, preset, steps, guidance, seed, progress=gr.Progress()):

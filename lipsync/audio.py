@@ -46,12 +46,40 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lipsync.errors import AudioError, CheckpointError, one_line
-from lipsync.models.whisper import WhisperDims, WhisperEncoder, encoder_state_dict
+from lipsync.checkpoints import load_whisper_encoder, read_whisper_checkpoint
+from lipsync.constants import FPS, SAMPLE_RATE
+from lipsync.errors import AudioError, one_line
+from lipsync.models.whisper import WhisperDims, WhisperEncoder
 
-SAMPLE_RATE = 16000
+__all__ = [
+    "ENCODER_WINDOW_FRAMES",
+    "FEATURES_PER_SECOND",
+    "HOP_LENGTH",
+    "MIN_SAMPLES",
+    "N_FFT",
+    "N_MELS",
+    "SAMPLE_RATE",
+    "AudioEncoder",
+    "LazyFeatures",
+    "WindowedFeatures",
+    "as_waveform",
+    "clip_log_mel_max",
+    "encoder_windows",
+    "frame_window_indices",
+    "frame_windows",
+    "load_audio",
+    "log_mel_power",
+    "log_mel_spectrogram",
+    "mel_filters",
+    "num_frame_windows",
+    "stft_segment",
+    "whisper_log_mel",
+]
+
 N_FFT = 400
 HOP_LENGTH = 160
+N_MELS = 80
+ENCODER_WINDOW_FRAMES = 3000  # mel frames per Whisper encoder window (30 s; 2 × n_audio_ctx)
 FEATURES_PER_SECOND = 50  # encoder positions per second (conv2 has stride 2: 100 mel frames/s / 2)
 WINDOW_CONTEXT = 2  # video frames of context either side of the current one
 MIN_SAMPLES = 2 * HOP_LENGTH  # shortest clip that yields one feature position (20 ms)
@@ -125,7 +153,9 @@ def _mel_to_hz(m: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def mel_filters(sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = 80) -> np.ndarray:
+def mel_filters(
+    sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS
+) -> np.ndarray:
     """Slaney-style, area-normalised triangular mel filterbank, (n_mels, n_fft // 2 + 1) float32.
 
     Same as ``librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels)`` (fmin 0,
@@ -162,7 +192,50 @@ def _reflect_padded_slice(wav: torch.Tensor, pad: int, start: int, stop: int) ->
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def log_mel_spectrogram(wav: torch.Tensor | np.ndarray, n_mels: int = 80) -> torch.Tensor:
+def stft_segment(wav: torch.Tensor, f0: int, f1: int) -> torch.Tensor:
+    """The samples STFT frames ``f0 .. f1-1`` of a clip read, reflect-padded at the clip's ends
+    as Whisper's centred STFT pads them: ``160 (f1 - f0 - 1) + 400`` samples. What the Triton
+    ``audio_features`` model receives for one encoder window."""
+    return _reflect_padded_slice(wav, N_FFT // 2, f0 * HOP_LENGTH, (f1 - 1) * HOP_LENGTH + N_FFT)
+
+
+def log_mel_power(segment: torch.Tensor, n_mels: int = N_MELS) -> torch.Tensor:
+    """log10 mel power of an :func:`stft_segment`: (n_mels, frames), before Whisper's floor and
+    scaling (:func:`whisper_log_mel`)."""
+    window = torch.hann_window(N_FFT)
+    filters = torch.from_numpy(np.array(mel_filters(SAMPLE_RATE, N_FFT, n_mels)))
+    spec = torch.stft(segment, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
+    power = spec.abs() ** 2  # (n_fft/2+1, frames)
+    return torch.clamp(filters @ power, min=1e-10).log10()
+
+
+def whisper_log_mel(log_power: torch.Tensor, clip_max: torch.Tensor | float) -> torch.Tensor:
+    """Whisper's normalisation of log10 mel powers: floor at ``clip_max - 8`` (the largest value
+    of the *whole clip*, not of one window), then ``(x + 4) / 4``."""
+    peak = torch.as_tensor(clip_max, dtype=torch.float32)
+    return (torch.maximum(log_power, peak - 8.0) + 4.0) / 4.0
+
+
+def encoder_windows(
+    num_samples: int, window_frames: int = ENCODER_WINDOW_FRAMES
+) -> list[tuple[int, int]]:
+    """Mel-frame ranges ``(f0, f1)`` of the Whisper encoder windows of a clip."""
+    n_frames = num_samples // HOP_LENGTH
+    return [(s, min(s + window_frames, n_frames)) for s in range(0, n_frames, window_frames)]
+
+
+def clip_log_mel_max(
+    wav: torch.Tensor, n_mels: int = N_MELS, window_frames: int = ENCODER_WINDOW_FRAMES
+) -> float:
+    """The clip's largest log10 mel power, one window at a time (bounded memory): what
+    :func:`whisper_log_mel` floors with when a clip's windows are computed one by one."""
+    best = -np.inf
+    for f0, f1 in encoder_windows(wav.shape[0], window_frames):
+        best = max(best, float(log_mel_power(stft_segment(wav, f0, f1), n_mels).max()))
+    return best
+
+
+def log_mel_spectrogram(wav: torch.Tensor | np.ndarray, n_mels: int = N_MELS) -> torch.Tensor:
     """Whisper's normalised log-mel spectrogram of a 16 kHz mono clip: (n_mels, len(wav) // 160).
 
     Computed block by block (STFT frames are independent), so memory stays bounded apart from
@@ -173,18 +246,11 @@ def log_mel_spectrogram(wav: torch.Tensor | np.ndarray, n_mels: int = 80) -> tor
     if n <= N_FFT // 2:
         raise AudioError(f"audio too short: {n} samples (need at least {MIN_SAMPLES} at 16 kHz)")
     n_frames = n // HOP_LENGTH  # torch.stft(center=True) gives n // hop + 1; the last is dropped
-    window = torch.hann_window(N_FFT)
-    filters = torch.from_numpy(np.array(mel_filters(SAMPLE_RATE, N_FFT, n_mels)))
-    pad = N_FFT // 2
     log_spec = torch.empty(n_mels, n_frames, dtype=torch.float32)
     for f0 in range(0, n_frames, _MEL_BLOCK_FRAMES):
         f1 = min(f0 + _MEL_BLOCK_FRAMES, n_frames)
-        seg = _reflect_padded_slice(wav, pad, f0 * HOP_LENGTH, (f1 - 1) * HOP_LENGTH + N_FFT)
-        spec = torch.stft(seg, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
-        power = spec.abs() ** 2  # (n_fft/2+1, f1-f0)
-        log_spec[:, f0:f1] = torch.clamp(filters @ power, min=1e-10).log10()
-    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
-    return (log_spec + 4.0) / 4.0
+        log_spec[:, f0:f1] = log_mel_power(stft_segment(wav, f0, f1), n_mels)
+    return whisper_log_mel(log_spec, log_spec.max())
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +264,7 @@ def _check_fps(fps: float) -> float:
     return fps
 
 
-def num_frame_windows(num_features: int, fps: float = 25) -> int:
+def num_frame_windows(num_features: int, fps: float = FPS) -> int:
     """How many windows LatentSync emits for ``num_features`` positions (see module docstring)."""
     fps = _check_fps(fps)
     step = FEATURES_PER_SECOND / fps  # the reference's ``whisper_idx_multiplier``
@@ -212,7 +278,7 @@ def num_frame_windows(num_features: int, fps: float = 25) -> int:
 
 
 def frame_window_indices(
-    num_features: int, fps: float = 25, start: int = 0, stop: int | None = None
+    num_features: int, fps: float = FPS, start: int = 0, stop: int | None = None
 ) -> torch.Tensor:
     """Feature positions of windows ``start..stop-1``: (n, 10) int64, already clamped."""
     fps = _check_fps(fps)
@@ -231,7 +297,7 @@ def frame_window_indices(
 
 
 def frame_windows(
-    features: torch.Tensor, fps: float = 25, *, start: int = 0, stop: int | None = None
+    features: torch.Tensor, fps: float = FPS, *, start: int = 0, stop: int | None = None
 ) -> torch.Tensor:
     """Per-video-frame conditioning windows: (T, L, C) features -> (N, 10 * L, C).
 
@@ -296,13 +362,14 @@ class LazyFeatures(WindowedFeatures):
     def __init__(self, encoder: AudioEncoder, mel: torch.Tensor):
         self.encoder = encoder
         self.mel = mel
-        win = 2 * encoder.dims.n_audio_ctx
-        n_mel = mel.shape[1]
-        kept = [min(win, n_mel - s) // 2 for s in range(0, n_mel, win)]
-        super().__init__(kept, encoder.dims.n_audio_layer + 1, encoder.dims.n_audio_state)
+        super().__init__(
+            encoder.kept_positions(mel.shape[1]),
+            encoder.dims.n_audio_layer + 1,
+            encoder.dims.n_audio_state,
+        )
 
     def compute_window(self, k: int) -> torch.Tensor:
-        return self.encoder._window(self.mel, k, self.kept[k])
+        return self.encoder.window_features(self.mel, k, self.kept[k])
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,17 +400,9 @@ class AudioEncoder:
         """Load an OpenAI Whisper checkpoint (``{"dims", "model_state_dict"}``, e.g. ``tiny.pt``).
 
         Only ``encoder.*`` weights are used; they must match exactly (see
-        :func:`lipsync.models.whisper.encoder_state_dict`).
+        :func:`lipsync.checkpoints.whisper_encoder_state_dict`).
         """
-        from lipsync.checkpoints import read_checkpoint
-
-        ckpt = read_checkpoint(path)
-        if "dims" not in ckpt or "model_state_dict" not in ckpt:
-            raise CheckpointError(
-                f"{path} is not an OpenAI Whisper checkpoint (expected keys 'dims' and "
-                "'model_state_dict')"
-            )
-        return cls.from_state_dict(ckpt["model_state_dict"], ckpt["dims"], device, dtype)
+        return cls(read_whisper_checkpoint(path), device=device, dtype=dtype)
 
     @classmethod
     def from_state_dict(
@@ -353,17 +412,19 @@ class AudioEncoder:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> AudioEncoder:
-        if not isinstance(dims, WhisperDims):
-            if not isinstance(dims, dict):
-                raise CheckpointError(f"Whisper dims must be a dict, got {type(dims).__name__}")
-            dims = WhisperDims.from_dict(dims)
-        with torch.device("meta"):
-            encoder = WhisperEncoder(dims)
-        weights = encoder_state_dict(state, encoder)
-        encoder.load_state_dict(weights, strict=True, assign=True)
-        return cls(encoder, device=device, dtype=dtype)
+        return cls(load_whisper_encoder(state, dims), device=device, dtype=dtype)
 
     # ----------------------------------------------------------------------------------------
+
+    @property
+    def window_frames(self) -> int:
+        """Mel frames per encoder window (3000 for the official models: 30 s)."""
+        return 2 * self.dims.n_audio_ctx
+
+    def kept_positions(self, num_mel_frames: int) -> list[int]:
+        """Feature positions each encoder window of a clip contributes (its valid frames / 2)."""
+        win = self.window_frames
+        return [min(win, num_mel_frames - s) // 2 for s in range(0, num_mel_frames, win)]
 
     def features(self, wav: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Per-20-ms features of a 16 kHz mono float waveform: (T, n_layer + 1, n_state) float32.
@@ -371,11 +432,9 @@ class AudioEncoder:
         Layer 0 is the encoder input embedding, layers 1.. the residual block outputs. The
         result lives on the CPU whatever the encoder device.
         """
-        wav = _as_waveform(wav)
+        wav = as_waveform(wav)
         mel = log_mel_spectrogram(wav, self.dims.n_mels)  # (n_mels, M)
-        win = 2 * self.dims.n_audio_ctx  # mel frames per encoder window (3000)
-        n_mel = mel.shape[1]
-        kept = [min(win, n_mel - s) // 2 for s in range(0, n_mel, win)]
+        kept = self.kept_positions(mel.shape[1])
         total = sum(kept)
         if total == 0:
             raise AudioError(
@@ -384,27 +443,24 @@ class AudioEncoder:
         n_layers = self.dims.n_audio_layer + 1
         out = torch.empty(total, n_layers, self.dims.n_audio_state, dtype=torch.float32)
         pos = 0
-        with torch.inference_mode():
-            for k, s in enumerate(range(0, n_mel, win)):
-                seg = mel[:, s : s + win]
-                seg = F.pad(seg, (0, win - seg.shape[1]))  # zeros in normalised log-mel units
-                seg = seg[None].to(device=self.device, dtype=self.dtype)
-                layers = self.encoder.forward_layers(seg)[0, :, : kept[k]]  # (L, kept, C)
-                out[pos : pos + kept[k]] = layers.transpose(0, 1).float().cpu()
-                pos += kept[k]
+        for k, n in enumerate(kept):
+            out[pos : pos + n] = self.window_features(mel, k, n)
+            pos += n
         return out
 
     def lazy_features(self, wav: np.ndarray | torch.Tensor) -> LazyFeatures:
         """Like :meth:`features`, but each 30 s encoder window is computed when first indexed
         (and only the two most recent are kept): bounded memory for hours of audio. The values
         are identical to :meth:`features`."""
-        wav = _as_waveform(wav)
+        wav = as_waveform(wav)
         mel = log_mel_spectrogram(wav, self.dims.n_mels)  # (n_mels, M): 32 KB per second
         return LazyFeatures(self, mel)
 
-    def _window(self, mel: torch.Tensor, k: int, kept: int) -> torch.Tensor:
-        """Features of encoder window ``k``: (kept, n_layer + 1, n_state) float32 on the CPU."""
-        win = 2 * self.dims.n_audio_ctx
+    def window_features(self, mel: torch.Tensor, k: int, kept: int) -> torch.Tensor:
+        """Features of encoder window ``k`` of a normalised log-mel spectrogram (n_mels, M):
+        (kept, n_layer + 1, n_state) float32 on the CPU. The window is zero-padded to 30 s in
+        the normalised log-mel domain, as the reference pads it."""
+        win = self.window_frames
         seg = mel[:, k * win : (k + 1) * win]
         seg = F.pad(seg, (0, win - seg.shape[1]))  # zeros in normalised log-mel units
         seg = seg[None].to(device=self.device, dtype=self.dtype)
@@ -415,7 +471,7 @@ class AudioEncoder:
     def frame_windows(
         self,
         features: torch.Tensor,
-        fps: float = 25,
+        fps: float = FPS,
         *,
         start: int = 0,
         stop: int | None = None,
@@ -423,11 +479,13 @@ class AudioEncoder:
         """Per-video-frame windows (N, 50, 384); see :func:`frame_windows`."""
         return frame_windows(features, fps, start=start, stop=stop)
 
-    def num_windows(self, features: torch.Tensor, fps: float = 25) -> int:
+    def num_windows(self, features: torch.Tensor, fps: float = FPS) -> int:
         return num_frame_windows(features.shape[0], fps)
 
 
-def _as_waveform(wav: np.ndarray | torch.Tensor) -> torch.Tensor:
+def as_waveform(wav: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A 1-D float32 CPU tensor of a mono waveform in [-1, 1], or an :class:`AudioError` (not
+    float, not mono, empty, shorter than :data:`MIN_SAMPLES`, NaN/inf samples)."""
     if isinstance(wav, torch.Tensor):
         wav = wav.detach().cpu()
         is_float = wav.is_floating_point()

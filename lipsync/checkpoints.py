@@ -1,5 +1,8 @@
 """Find, download and strictly load the official LatentSync checkpoints.
 
+This module reads files, validates them against the models of :mod:`lipsync.models` (which know
+nothing about files) and downloads them; building a whole preset is :mod:`lipsync.loading`'s job.
+
 The reference loads the U-Net with ``strict=False`` and so silently runs half-random models when
 handed the wrong file. We never do: every key must be present, expected and of the right shape,
 or a :class:`~lipsync.errors.CheckpointError` names the first few offending keys, the counts and
@@ -13,6 +16,7 @@ and ``cache_dir()/sd-vae-ft-mse/`` holds the diffusers VAE (config.json + safete
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterable, Mapping
@@ -31,6 +35,9 @@ from lipsync.config import (
     get_preset,
 )
 from lipsync.errors import CheckpointError, CheckpointNotFoundError, one_line
+from lipsync.models.unet import UNet3D
+from lipsync.models.vae import SD_VAE_FT_MSE_CONFIG, Vae, build_autoencoder
+from lipsync.models.whisper import WhisperDims, WhisperEncoder
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -164,14 +171,59 @@ def _likely_cause(what, expected, state, missing, unexpected, top_level) -> str:
     return "a different model version or a truncated/edited file"
 
 
-def _convert(state: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
-    """Move floating tensors to ``dtype``/``device`` one at a time, dropping the originals."""
+def convert_state_dict(
+    state: dict[str, torch.Tensor], device: str | torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Floating tensors to ``dtype`` on ``device`` (others keep their dtype), one at a time:
+    each original is dropped from ``state`` as soon as it is converted, so the weights are never
+    held twice."""
     out = {}
     for key in list(state):
         t = state.pop(key)
         target = dtype if t.is_floating_point() else t.dtype
         out[key] = t.to(device=device, dtype=target)
     return out
+
+
+# Older diffusers files (sd-vae-ft-mse among them) name the VAE's attention projections
+# differently from today's AutoencoderKL.
+VAE_DEPRECATED_ATTENTION_NAMES = {
+    ".query.": ".to_q.",
+    ".key.": ".to_k.",
+    ".value.": ".to_v.",
+    ".proj_attn.": ".to_out.0.",
+}
+
+
+def rename_vae_attention_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A VAE state dict with the older attention key names (``query/key/value/proj_attn``)
+    renamed to ``AutoencoderKL``'s (``to_q/to_k/to_v/to_out.0``); other keys unchanged."""
+    out = {}
+    for key, value in state.items():
+        if ".attentions." in key:
+            for old, new in VAE_DEPRECATED_ATTENTION_NAMES.items():
+                key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+WHISPER_ENCODER_PREFIX = "encoder."
+
+
+def whisper_encoder_state_dict(
+    state: Mapping[str, torch.Tensor], model: WhisperEncoder
+) -> dict[str, torch.Tensor]:
+    """Select the ``encoder.*`` entries of an OpenAI Whisper state dict and check them strictly.
+
+    Every non-``encoder.`` key (the text decoder) is ignored. Among the ``encoder.`` keys, any
+    missing, unexpected or mis-shaped one raises :class:`CheckpointError` naming the first few.
+    Returns the entries with the prefix removed (``model``'s own names).
+    """
+    prefix = WHISPER_ENCODER_PREFIX
+    enc = {k: v for k, v in state.items() if k.startswith(prefix)}
+    expected = {prefix + k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(expected, enc, "Whisper encoder", top_level=state.keys())
+    return {k[len(prefix) :]: v for k, v in enc.items()}
 
 
 # --------------------------------------------------------------------------- models
@@ -188,28 +240,77 @@ def load_unet(
     The model is created on the meta device (no memory), the file is memory-mapped, and each
     tensor is converted once to the requested dtype and device before being assigned.
     """
-    from lipsync.models.unet import UNet3D
-
     raw = read_checkpoint(path)
     state = unwrap_state_dict(raw, path)
     with torch.device("meta"):
         model = UNet3D.from_config(dict(config))
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_state_dict(expected, state, "U-Net", path, top_level=raw.keys())
-    model.load_state_dict(_convert(state, device, dtype), strict=True, assign=True)
+    model.load_state_dict(convert_state_dict(state, device, dtype), strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
-def random_unet(config: Mapping[str, Any], seed: int = 0, device="cpu", dtype=torch.float32):
-    """A U-Net with seeded random weights (the ``tiny`` preset; smoke tests only)."""
-    from lipsync.models.unet import UNet3D
+def load_vae(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Vae:
+    """Load the VAE from a folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or
+    a single weights file (the sd-vae-ft-mse config is then assumed). Strict: every key must fit
+    (after :func:`rename_vae_attention_keys`)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        weights = next(
+            (
+                path / n
+                for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+                if (path / n).is_file()
+            ),
+            None,
+        )
+        if weights is None or not config_file.is_file():
+            raise CheckpointNotFoundError(
+                f"VAE folder {path} needs config.json and diffusion_pytorch_model.safetensors; "
+                "run: lipsync download"
+            )
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read VAE config {config_file}: {e}") from e
+    else:
+        weights, config = path, SD_VAE_FT_MSE_CONFIG
+    state = rename_vae_attention_keys(unwrap_state_dict(read_checkpoint(weights), weights))
+    with torch.device("meta"):
+        model = build_autoencoder(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(expected, state, "VAE", weights)
+    model.load_state_dict(convert_state_dict(state, device, dtype), strict=True, assign=True)
+    return Vae(model.eval().requires_grad_(False))
 
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with device:  # initialise in place on the target device (fast for full-size models)
-            model = UNet3D.from_config(dict(config))
-    return model.to(dtype=dtype).eval().requires_grad_(False)
+
+def load_whisper_encoder(
+    state: Mapping[str, torch.Tensor], dims: Mapping[str, Any] | WhisperDims
+) -> WhisperEncoder:
+    """A :class:`WhisperEncoder` (on the CPU, fp32 as stored) from an OpenAI state dict and its
+    ``dims``, checked strictly (:func:`whisper_encoder_state_dict`)."""
+    if not isinstance(dims, WhisperDims):
+        if not isinstance(dims, Mapping):
+            raise CheckpointError(f"Whisper dims must be a dict, got {type(dims).__name__}")
+        dims = WhisperDims.from_dict(dims)
+    with torch.device("meta"):
+        encoder = WhisperEncoder(dims)
+    encoder.load_state_dict(whisper_encoder_state_dict(state, encoder), strict=True, assign=True)
+    return encoder
+
+
+def read_whisper_checkpoint(path: str | os.PathLike) -> WhisperEncoder:
+    """Load an OpenAI Whisper file (``{"dims", "model_state_dict"}``, e.g. ``tiny.pt``)."""
+    ckpt = read_checkpoint(path)
+    if "dims" not in ckpt or "model_state_dict" not in ckpt:
+        raise CheckpointError(
+            f"{path} is not an OpenAI Whisper checkpoint (expected keys 'dims' and "
+            "'model_state_dict')"
+        )
+    return load_whisper_encoder(ckpt["model_state_dict"], ckpt["dims"])
 
 
 # --------------------------------------------------------------------------- finding files

@@ -10,6 +10,7 @@ import contextlib
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lipsync.constants import (
+    CHUNK_FRAMES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_MIN_FACE_SIZE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+)
 from lipsync.data.cli import data_app
 from lipsync.errors import LipSyncError
 from lipsync.eval.cli import eval_app
@@ -90,17 +98,69 @@ class RichProgress:
         self._bars.update(task_id, completed=task.total)
 
 
-_MODE_HELP = (
-    "exact (the reference computation) or fast (DeepCache every 3rd step + guidance on the "
-    "first half of the steps; approximate, see docs/PERFORMANCE.md)."
-)
-_CACHE_INTERVAL_HELP = "DeepCache: full U-Net every N-th step (1: off). Overrides the mode's."
-_CACHE_BRANCH_HELP = "DeepCache skip branch (0: shallowest, fastest). Overrides the mode's."
-_GUIDANCE_STEPS_HELP = "Share of the steps, from the first, with guidance (1: all)."
-_FP8_HELP = (
-    "FP8 matmuls in the U-Net's big linear layers (CUDA, capability >= 8.9; approximate). "
-    "Saves 0.6 GiB of weights but ran slower than bf16 on an H100 (docs/PERFORMANCE.md)."
-)
+# -- options shared by several commands (one declaration each) --------------------------------
+
+Preset = Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5 or tiny.")]
+Device = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if present).")]
+DTypeOpt = Annotated[
+    str | None,
+    typer.Option("--dtype", help="fp16, bf16 or fp32 (default: fp16 on cuda, fp32 on cpu)."),
+]
+CheckpointDir = Annotated[Path | None, typer.Option("--dir", help="Checkpoint cache folder.")]
+CompileOpt = Annotated[
+    str,
+    typer.Option(
+        "--compile",
+        help="torch.compile the U-Net: none, regional, full, full-cudagraphs (CUDA: pays off).",
+    ),
+]
+Fp8 = Annotated[
+    bool,
+    typer.Option(
+        "--fp8",
+        help="FP8 matmuls in the U-Net's big linear layers (CUDA, capability >= 8.9; "
+        "approximate; measured speed: docs/PERFORMANCE.md).",
+    ),
+]
+RandomWeights = Annotated[
+    bool, typer.Option("--random-weights", help="The architecture with seeded random weights.")
+]
+ModeOpt = Annotated[
+    str,
+    typer.Option(
+        "--mode",
+        help="exact (the reference computation) or fast (DeepCache every 3rd step + guidance on "
+        "the first half of the steps; approximate, see docs/PERFORMANCE.md).",
+    ),
+]
+Steps = Annotated[int, typer.Option(help="Denoising steps.")]
+Guidance = Annotated[float, typer.Option(help="Classifier-free guidance scale.")]
+Scheduler = Annotated[str, typer.Option(help="ddim (reference) or dpm++ (fewer steps).")]
+CacheInterval = Annotated[
+    int | None,
+    typer.Option(help="DeepCache: full U-Net every N-th step (1: off). Overrides the mode's."),
+]
+CacheBranch = Annotated[
+    int | None,
+    typer.Option(help="DeepCache skip branch (0: shallowest, fastest). Overrides the mode's."),
+]
+GuidanceSteps = Annotated[
+    float | None, typer.Option(help="Share of the steps, from the first, with guidance (1: all).")
+]
+Frames = Annotated[int, typer.Option(help="Frames per chunk.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _load(preset, device, dtype, dir=None, compile="none", fp8=False, random_weights=False):
+    """The :class:`~lipsync.config.LoadOptions` of a command's flags (checked)."""
+    from lipsync.config import LoadOptions
+
+    options = LoadOptions(
+        preset=preset, device=device, dtype=dtype, checkpoint_dir=dir, compile=compile, fp8=fp8,
+        random_weights=random_weights,
+    )  # fmt: skip
+    options.validate()
+    return options
 
 
 @app.command()
@@ -110,28 +170,25 @@ def run(
         Path, typer.Argument(help="New audio (wav, mp3, m4a, flac) or a video with audio.")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output video (.mp4).")],
-    preset: Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5 or tiny.")] = "v1.6",
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.5,
+    preset: Preset = "v1.6",
+    steps: Steps = DEFAULT_STEPS,
+    guidance: Guidance = DEFAULT_GUIDANCE,
     seed: Annotated[
         int, typer.Option(help="Random seed (same seed, device, dtype: same output).")
-    ] = 1247,
-    device: Annotated[
-        str | None, typer.Option(help="cuda or cpu (default: cuda if present).")
-    ] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="fp16, bf16 or fp32 (default: fp16 on cuda, fp32 on cpu).")
-    ] = None,
+    ] = DEFAULT_SEED,
+    device: Device = None,
+    dtype: DTypeOpt = None,
     mask: Annotated[
         Path | None, typer.Option(help="Inpainting mask PNG (black = generate).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    dir: Annotated[Path | None, typer.Option("--dir", help="Checkpoint cache folder.")] = None,
+    dir: CheckpointDir = None,
     crf: Annotated[float, typer.Option(help="H.264 quality (lower = better, 0-51).")] = 18,
     min_face_size: Annotated[
         int, typer.Option(help="Faces smaller than this (px) are left unchanged.")
-    ] = 64,
+    ] = DEFAULT_MIN_FACE_SIZE,
+    detector: Annotated[str, typer.Option(help="Face detector: mediapipe.")] = "mediapipe",
     loop: Annotated[
         bool, typer.Option(help="Loop the video ping-pong when the audio is longer.")
     ] = True,
@@ -140,17 +197,13 @@ def run(
         Path | None,
         typer.Option(help="Folder that keeps each video's face track for later runs on it."),
     ] = None,
-    compile: Annotated[
-        str, typer.Option(help="torch.compile the U-Net: none, regional, full (CUDA: pays off).")
-    ] = "none",
-    mode: Annotated[str, typer.Option(help=_MODE_HELP)] = "exact",
-    scheduler: Annotated[
-        str, typer.Option(help="ddim (reference) or dpm++ (fewer steps).")
-    ] = "ddim",
-    cache_interval: Annotated[int | None, typer.Option(help=_CACHE_INTERVAL_HELP)] = None,
-    cache_branch: Annotated[int | None, typer.Option(help=_CACHE_BRANCH_HELP)] = None,
-    guidance_steps: Annotated[float | None, typer.Option(help=_GUIDANCE_STEPS_HELP)] = None,
-    fp8: Annotated[bool, typer.Option("--fp8", help=_FP8_HELP)] = False,
+    compile: CompileOpt = "none",
+    mode: ModeOpt = "exact",
+    scheduler: Scheduler = "ddim",
+    cache_interval: CacheInterval = None,
+    cache_branch: CacheBranch = None,
+    guidance_steps: GuidanceSteps = None,
+    fp8: Fp8 = False,
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write the result to --output."""
     from lipsync.api import LipSync
@@ -158,27 +211,20 @@ def run(
 
     options = RunOptions(
         steps=steps, guidance=guidance, seed=seed, mask_path=str(mask) if mask else None,
-        force=force, crf=crf, min_face_size=min_face_size, loop_video=loop,
+        force=force, crf=crf, min_face_size=min_face_size, detector=detector, loop_video=loop,
         face_cache=str(face_cache) if face_cache else None, mode=mode, scheduler=scheduler,
         cache_interval=cache_interval, cache_branch=cache_branch, guidance_steps=guidance_steps,
     )  # fmt: skip
     options.validate()
+    load = _load(preset, device, dtype, dir, compile, fp8)
     with console.status(f"loading {preset} models") if not quiet else contextlib.nullcontext():
-        ls = LipSync.from_pretrained(
-            preset, device=device, dtype=dtype, checkpoint_dir=dir, compile=compile, fp8=fp8
-        )
+        ls = LipSync.from_options(load)
     with RichProgress(enabled=not quiet and not as_json) as progress:
-        report = ls.run(video, audio, output, progress=progress, **_as_kwargs(options))
+        report = ls.run(video, audio, output, progress=progress, **asdict(options))
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
     _print_summary(report)
-
-
-def _as_kwargs(options) -> dict:
-    from dataclasses import asdict
-
-    return asdict(options)
 
 
 def _print_summary(report) -> None:
@@ -200,42 +246,39 @@ def web_app(
     preset: Annotated[str, typer.Option("--preset", "-p", help="Default preset.")] = "v1.6",
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 7860,
-    device: Annotated[str | None, typer.Option(help="cuda or cpu.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
-    dir: Annotated[Path | None, typer.Option("--dir", help="Checkpoint cache folder.")] = None,
+    device: Device = None,
+    dtype: DTypeOpt = None,
+    dir: CheckpointDir = None,
 ) -> None:
     """Serve the web UI (Gradio): upload, options, progress, result."""
     from lipsync.app import build_app
-    from lipsync.config import get_preset
 
-    get_preset(preset)
-    page = build_app(preset, device, dtype, str(dir) if dir else None)
+    page = build_app(_load(preset, device, dtype, dir))
     console.print(f"lipsync web UI on http://{host}:{port}")
     page.queue().launch(server_name=host, server_port=port, show_error=True, quiet=True)
 
 
 @app.command()
 def bench(
-    preset: Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5 or tiny.")] = "tiny",
-    frames: Annotated[int, typer.Option(help="Frames per chunk.")] = 16,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 20,
-    mode: Annotated[str, typer.Option(help=_MODE_HELP)] = "exact",
-    compile: Annotated[str, typer.Option(help="none, regional, full, full-cudagraphs.")] = "none",
+    preset: Preset = "tiny",
+    frames: Frames = CHUNK_FRAMES,
+    steps: Steps = DEFAULT_STEPS,
+    mode: ModeOpt = "exact",
+    compile: CompileOpt = "none",
     chunks: Annotated[int, typer.Option(help="Chunks timed after one warm-up chunk.")] = 2,
-    device: Annotated[str | None, typer.Option(help="cuda or cpu.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
-    random_weights: Annotated[
-        bool, typer.Option("--random-weights", help="Time the architecture without checkpoints.")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.5,
-    scheduler: Annotated[
-        str, typer.Option(help="ddim (reference) or dpm++ (fewer steps).")
-    ] = "ddim",
-    cache_interval: Annotated[int | None, typer.Option(help=_CACHE_INTERVAL_HELP)] = None,
-    cache_branch: Annotated[int | None, typer.Option(help=_CACHE_BRANCH_HELP)] = None,
-    guidance_steps: Annotated[float | None, typer.Option(help=_GUIDANCE_STEPS_HELP)] = None,
-    fp8: Annotated[bool, typer.Option("--fp8", help=_FP8_HELP)] = False,
+    device: Device = None,
+    dtype: DTypeOpt = None,
+    random_weights: RandomWeights = False,
+    as_json: AsJson = False,
+    guidance: Guidance = DEFAULT_GUIDANCE,
+    scheduler: Scheduler = "ddim",
+    cache_interval: CacheInterval = None,
+    cache_branch: CacheBranch = None,
+    guidance_steps: GuidanceSteps = None,
+    fp8: Fp8 = False,
+    temporal_attention: Annotated[
+        str, typer.Option(help="Motion modules' attention: matmul (default) or sdpa.")
+    ] = "matmul",
     video: Annotated[
         Path | None, typer.Option(help="Time this clip end to end instead (needs --audio).")
     ] = None,
@@ -246,26 +289,22 @@ def bench(
 ) -> None:
     """Time the model stages on synthetic input (per-stage ms/frame, frames/s, TFLOP/s, GPU
     busy share), or with --video/--audio a real clip end to end (one warm-up run, one timed)."""
-    from lipsync.bench import bench_model, bench_video
-    from lipsync.config import get_preset
+    from lipsync.pipeline import RunOptions
+    from lipsync.tools.bench import bench_model, bench_video
 
-    get_preset(preset)
+    load = _load(preset, device, dtype, None, compile, fp8, random_weights)
     if (video is None) != (audio is None):
         raise typer.BadParameter("--video and --audio go together")
+    run_options = RunOptions(
+        mode=mode, steps=steps, guidance=guidance, scheduler=scheduler,
+        cache_interval=cache_interval, cache_branch=cache_branch, guidance_steps=guidance_steps,
+        chunk_frames=frames, face_cache=str(face_cache) if face_cache else None,
+    )  # fmt: skip
+    run_options.validate()
     if video is not None:
-        report = bench_video(
-            str(video), str(audio), preset, device, dtype, compile, random_weights, fp8,
-            mode=mode, steps=steps, guidance=guidance, scheduler=scheduler,
-            cache_interval=cache_interval, cache_branch=cache_branch,
-            guidance_steps=guidance_steps, chunk_frames=frames,
-            face_cache=str(face_cache) if face_cache else None,
-        )  # fmt: skip
+        report = bench_video(str(video), str(audio), load, run_options)
     else:
-        report = bench_model(
-            preset, frames, steps, mode, device, dtype, compile, chunks, guidance=guidance,
-            random_weights=random_weights, scheduler=scheduler, cache_interval=cache_interval,
-            cache_branch=cache_branch, guidance_steps=guidance_steps, fp8=fp8,
-        )  # fmt: skip
+        report = bench_model(load, run_options, chunks, temporal_attention)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -278,32 +317,27 @@ def profile(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for trace.json and summary.json.")
     ] = Path("lipsync-profile"),
-    preset: Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5 or tiny.")] = "tiny",
-    frames: Annotated[int, typer.Option(help="Frames per chunk.")] = 16,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 2,
-    mode: Annotated[str, typer.Option(help=_MODE_HELP)] = "exact",
-    scheduler: Annotated[
-        str, typer.Option(help="ddim (reference) or dpm++ (fewer steps).")
-    ] = "ddim",
-    compile: Annotated[str, typer.Option(help="none, regional, full, full-cudagraphs.")] = "none",
-    device: Annotated[str | None, typer.Option(help="cuda or cpu.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
-    random_weights: Annotated[
-        bool, typer.Option("--random-weights", help="Profile the architecture without checkpoints.")
-    ] = False,
-    fp8: Annotated[bool, typer.Option("--fp8", help=_FP8_HELP)] = False,
+    preset: Preset = "tiny",
+    frames: Frames = CHUNK_FRAMES,
+    steps: Steps = 2,
+    mode: ModeOpt = "exact",
+    scheduler: Scheduler = "ddim",
+    compile: CompileOpt = "none",
+    device: Device = None,
+    dtype: DTypeOpt = None,
+    random_weights: RandomWeights = False,
+    fp8: Fp8 = False,
     rows: Annotated[int, typer.Option(help="Rows of the top-operators table.")] = 25,
 ) -> None:
     """Profile one chunk (after a warm-up chunk): top operators, time by kernel class and by
     stage, and a Chrome trace."""
-    from lipsync.config import get_preset
-    from lipsync.profiling import format_summary, profile_model
+    from lipsync.pipeline import RunOptions
+    from lipsync.tools.profile import format_summary, profile_model
 
-    get_preset(preset)
-    table, summary = profile_model(
-        str(out), preset, frames, steps, device, dtype, rows, mode=mode, compile_mode=compile,
-        random_weights=random_weights, fp8=fp8, scheduler=scheduler,
-    )  # fmt: skip
+    load = _load(preset, device, dtype, None, compile, fp8, random_weights)
+    run_options = RunOptions(mode=mode, steps=steps, scheduler=scheduler, chunk_frames=frames)
+    run_options.validate()
+    table, summary = profile_model(str(out), load, run_options, rows)
     typer.echo(table)
     typer.echo(format_summary(summary))
     console.print(f"trace: {out / 'trace.json'} (open in chrome://tracing or Perfetto)")
@@ -339,8 +373,8 @@ def download(
 
 @app.command()
 def presets(
-    dir: Annotated[Path | None, typer.Option("--dir", help="Checkpoint cache folder.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    dir: CheckpointDir = None,
+    as_json: AsJson = False,
 ) -> None:
     """List model presets and whether their checkpoints are downloaded."""
     from lipsync.checkpoints import checkpoint_paths, require_checkpoints
@@ -380,16 +414,16 @@ def presets(
 
 @app.command()
 def check(
-    preset: Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5 or tiny.")] = "tiny",
-    dir: Annotated[Path | None, typer.Option("--dir", help="Checkpoint cache folder.")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp32",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    preset: Preset = "tiny",
+    dir: CheckpointDir = None,
+    device: Device = None,
+    dtype: DTypeOpt = None,
+    as_json: AsJson = False,
 ) -> None:
     """Load a preset's models strictly and run one denoising call on synthetic input."""
-    from lipsync.models.bundle import check_preset
+    from lipsync.tools.check import check_preset
 
-    report = check_preset(preset, root=dir, device=device, dtype=dtype)
+    report = check_preset(_load(preset, device, dtype, dir))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

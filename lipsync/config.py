@@ -1,8 +1,10 @@
-"""Model presets and where their files live.
+"""Model presets, where their files live, and how to load them (:class:`LoadOptions`).
 
 A preset names everything a run needs: the U-Net architecture, the face resolution, and where the
 official weights come from. ``tiny`` is a small random-weight model for smoke tests: it runs the
 whole pipeline in seconds on a CPU and produces meaningless mouths.
+
+This module imports no torch: the job API and the command line read it without loading a model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lipsync.errors import ConfigError
+from lipsync.constants import CHUNK_FRAMES, COMPILE_MODES, DTYPES, CompileMode, DType
+from lipsync.errors import ConfigError, check_choice
 
 VAE_REPO = "stabilityai/sd-vae-ft-mse"
 VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
@@ -42,7 +45,7 @@ class Preset:
     unet_config_file: str
     hf_repo: str | None  # Hugging Face repo with latentsync_unet.pt and whisper/tiny.pt
     random_weights: bool = False
-    num_frames: int = 16  # frames per U-Net chunk
+    num_frames: int = CHUNK_FRAMES  # frames per U-Net chunk
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
 
@@ -100,3 +103,42 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "lipsync"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a preset's models: what :func:`lipsync.loading.load_models` takes, and what
+    every caller builds (``lipsync run/app/bench/profile/check``, :class:`lipsync.api.LipSync`,
+    the job-service workers, the Triton server, the benchmarks).
+
+    ``None`` fields follow the default policy of :mod:`lipsync.loading`: the device is CUDA when
+    torch sees a GPU, else the CPU; the dtype fp16 on CUDA, fp32 on the CPU; on the CPU torch
+    uses all cores but one.
+    """
+
+    preset: str | Preset = "v1.6"  # a name or alias of PRESETS, or a Preset
+    device: str | None = None  # "cuda", "cuda:1", "cpu"
+    dtype: DType | None = None  # of the U-Net and VAE (Whisper always runs in fp32)
+    checkpoint_dir: str | os.PathLike | None = None  # default: cache_dir()
+    cpu_threads: int | None = None  # torch threads when the models run on the CPU
+    compile: CompileMode = "none"  # torch.compile the U-Net (and the VAE when not "none")
+    fp8: bool = False  # FP8 matmuls in the U-Net's big linear layers (CUDA, capability >= 8.9)
+    random_weights: bool = False  # the preset's architecture with seeded random weights
+
+    def validate(self) -> None:
+        """ConfigError for an unknown preset, dtype or compile mode, or a bad thread count."""
+        self.resolve_preset()
+        if self.dtype is not None:
+            check_choice("dtype", str(self.dtype).lower(), DTYPES)
+        check_choice("compile mode", self.compile, COMPILE_MODES)
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
+
+    def resolve_preset(self) -> Preset:
+        """The :class:`Preset` named by ``preset`` (ConfigError for an unknown name)."""
+        return self.preset if isinstance(self.preset, Preset) else get_preset(self.preset)
+
+    @property
+    def root(self) -> Path | None:
+        """The checkpoint folder as a path (None: the default cache)."""
+        return Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir else None

@@ -34,20 +34,29 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from lipsync.errors import ConfigError
-from lipsync.models.scheduler import SCHEDULERS, make_scheduler
+from lipsync.constants import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    MAX_CHUNK_FRAMES,
+    MODE_NAMES,
+    SCHEDULERS,
+    Mode,
+    SchedulerName,
+)
+from lipsync.errors import ConfigError, check_choice
+from lipsync.models.scheduler import make_scheduler
 from lipsync.models.unet import StepCache, UNet3D
 from lipsync.models.vae import Vae
 from lipsync.transfer import to_device
 
-MAX_FRAMES = 24  # the motion modules' position table has 24 entries
+MAX_FRAMES = MAX_CHUNK_FRAMES  # the motion modules' position table has 24 entries
 
 
 @dataclass(frozen=True)
 class DenoiseOptions:
-    steps: int = 20
-    guidance: float = 1.5
-    scheduler: str = "ddim"
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    scheduler: SchedulerName = "ddim"
     eta: float = 0.0
     # The reference samples the VAE posterior (with the run's generator); the mean is an option.
     sample_posterior: bool = True
@@ -61,10 +70,7 @@ class DenoiseOptions:
             raise ConfigError(f"steps must be between 1 and 1000, got {self.steps}")
         if not 0.0 <= self.guidance <= 20.0:
             raise ConfigError(f"guidance must be between 0 and 20, got {self.guidance}")
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(
-                f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
-            )
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
         if not 1 <= self.cache_interval <= 1000:
             raise ConfigError(
                 f"cache_interval must be between 1 and 1000, got {self.cache_interval}"
@@ -75,10 +81,9 @@ class DenoiseOptions:
             raise ConfigError(f"guidance_steps must be between 0 and 1, got {self.guidance_steps}")
 
     @classmethod
-    def for_mode(cls, mode: str = "exact", **overrides) -> DenoiseOptions:
+    def for_mode(cls, mode: Mode = "exact", **overrides) -> DenoiseOptions:
         """A named preset (``MODES``), then ``overrides`` (``None`` values: keep the preset's)."""
-        if mode not in MODES:
-            raise ConfigError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        check_choice("mode", mode, MODE_NAMES)
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -110,7 +115,7 @@ class DenoiseOptions:
 
 
 # Named presets of the approximation fields (the rest of DenoiseOptions is left as given).
-MODES: dict[str, dict] = {
+MODES: dict[Mode, dict] = {
     "exact": {"cache_interval": 1, "cache_branch": 0, "guidance_steps": 1.0},
     "fast": {"cache_interval": 3, "cache_branch": 0, "guidance_steps": 0.5},
 }

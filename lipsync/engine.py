@@ -8,9 +8,10 @@ The pipeline (media, faces, alignment, encoding) needs exactly two things from t
 * ``denoise(faces, windows, mask, seed, chunk_index, options)`` -> faces with the mouth
   regenerated: faces (k, 3, r, r) in [-1, 1], windows (k, 50, 384), mask (r, r) 1 = keep.
 
-:class:`LocalEngine` runs them in this process; ``lipsync.serving.triton_client`` sends them to
-Triton. Randomness is a function of ``(seed, chunk_index)`` only (:func:`chunk_generators`), so a
-chunk gives the same result whether it runs alone, batched with other chunks, or on a server.
+:class:`LocalEngine` runs them in this process; ``lipsync.serving.triton.client.TritonEngine``
+sends them to Triton. Randomness is a function of ``(seed, chunk_index)`` only
+(:func:`chunk_generator`), so a chunk gives the same result whether it runs alone, batched with
+other chunks, or on a server.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
-from lipsync.models.bundle import ModelBundle
+from lipsync.loading import ModelBundle
 
 _CHUNK_SEED_STRIDE = 1_000_003  # a prime: distinct (seed, chunk) pairs give distinct seeds
 
@@ -51,6 +52,7 @@ class SyncEngine(Protocol):
     dtype_name: str
     resolution: int
     device: torch.device  # where the pipeline keeps frames and crops (cuda or cpu)
+    fp8: bool  # the U-Net's big linear layers run in FP8 (reported)
 
     def lazy_features(self, waveform: np.ndarray): ...
 
@@ -66,7 +68,7 @@ class SyncEngine(Protocol):
 
 
 class LocalEngine:
-    """Models loaded in this process (:func:`lipsync.models.bundle.load_models`)."""
+    """Models loaded in this process (:func:`lipsync.loading.load_models`)."""
 
     def __init__(self, models: ModelBundle):
         self.models = models
@@ -74,6 +76,7 @@ class LocalEngine:
         self.dtype_name = str(models.dtype).removeprefix("torch.")
         self.resolution = models.preset.resolution
         self.device = models.device
+        self.fp8 = models.fp8
         self._denoiser: tuple[DenoiseOptions, torch.Tensor, ChunkDenoiser] | None = None
 
     def lazy_features(self, waveform: np.ndarray):

@@ -6,6 +6,11 @@ and the job API as an HTTP 4xx. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class LipSyncError(Exception):
     """Base class: a problem the user can fix (bad input, missing file, wrong checkpoint)."""
@@ -51,3 +56,12 @@ def one_line(exc: BaseException) -> str:
     text = getattr(exc, "strerror", None) or str(exc)
     lines = [line for line in str(text).strip().splitlines() if line.strip()]
     return " ".join(lines[0].split()) if lines else type(exc).__name__
+
+
+def check_choice(what: str, value: T, choices: Iterable[T]) -> T:
+    """``value`` if it is one of ``choices``, else a :class:`ConfigError` naming them all:
+    ``unknown <what> 'x'; choose one of: a, b``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+    return value

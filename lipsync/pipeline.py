@@ -23,16 +23,30 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.profiler import record_function
 
-from lipsync.accel.fp8 import has_fp8
 from lipsync.audio import frame_windows
+from lipsync.constants import (
+    CHUNK_FRAMES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_MIN_FACE_SIZE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    DETECTORS,
+    FPS,
+    MAX_CHUNK_FRAMES,
+    SAMPLE_RATE,
+    DetectorName,
+    Mode,
+    SchedulerName,
+)
 from lipsync.diffusion import DenoiseOptions
 from lipsync.engine import LocalEngine, SyncEngine
-from lipsync.errors import AudioError, ConfigError, VideoError
+from lipsync.errors import AudioError, ConfigError, VideoError, check_choice
 from lipsync.face.align import (
     crop_size,
     crops_to_model_input,
@@ -42,10 +56,10 @@ from lipsync.face.align import (
     warp_faces,
 )
 from lipsync.face.cache import load_track, save_track, track_key
-from lipsync.face.detect import MediaPipeDetector
+from lipsync.face.detect import track_faces
 from lipsync.face.mask import load_mask, make_mask
-from lipsync.face.track import DEFAULT_MIN_FACE_SIZE, FrameStatus, require_faces
-from lipsync.frames import ArrayFrames, ArraySink, FileFrames, VideoFrames
+from lipsync.face.track import FrameStatus, require_faces
+from lipsync.loading import ModelBundle
 from lipsync.media import (
     DEFAULT_MAX_DURATION_S,
     VideoWriter,
@@ -55,35 +69,45 @@ from lipsync.media import (
     validate_inputs,
 )
 from lipsync.media.color import rgb_to_yuv420
-from lipsync.models.bundle import ModelBundle
+from lipsync.media.frames import ArrayFrames, ArraySink, FileFrames, VideoFrames
+from lipsync.progress import Progress
 from lipsync.runtime import release_memory
 from lipsync.transfer import to_device
 
-FPS = 25
-SAMPLE_RATE = 16000
+__all__ = [
+    "FPS",
+    "SAMPLE_RATE",
+    "FaceTrackResult",
+    "LipSyncPipeline",
+    "Progress",
+    "RunOptions",
+    "RunReport",
+]
 
 
 @dataclass(frozen=True)
 class RunOptions:
     """Everything a run can be asked to do differently (CLI flags, API keyword arguments)."""
 
-    steps: int = 20
-    guidance: float = 1.5
-    seed: int | None = 1247  # None: a fresh random seed (reported)
-    scheduler: str = "ddim"
-    chunk_frames: int = 16
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    seed: int | None = DEFAULT_SEED  # None: a fresh random seed (reported)
+    scheduler: SchedulerName = "ddim"
+    chunk_frames: int = CHUNK_FRAMES
     mask_path: str | None = None
     min_face_size: int = DEFAULT_MIN_FACE_SIZE
+    detector: DetectorName = "mediapipe"  # face detector backend (lipsync.face.detect)
     loop_video: bool = True  # audio longer than video: ping-pong the video (the reference's way)
     crf: float = 18
-    x264_preset: str = "auto"  # auto: veryfast with a GPU (keeps up with it), else medium
-    codec: str = "auto"  # auto: NVENC when available, else libx264
+    # auto: veryfast with a GPU (keeps up with it), else medium (docs/PERFORMANCE.md)
+    x264_preset: str = "auto"
+    codec: Literal["auto", "libx264", "h264_nvenc"] = "auto"  # auto: NVENC if there, else x264
     max_duration_s: float = DEFAULT_MAX_DURATION_S
     force: bool = False
     face_cache: str | None = None  # folder: reuse each video's face track (lipsync.face.cache)
     # Speed/quality mode (lipsync.diffusion.MODES: exact, fast); the fields below override the
     # mode's setting when not None.
-    mode: str = "exact"
+    mode: Mode = "exact"
     cache_interval: int | None = None  # DeepCache: full U-Net every n-th step
     cache_branch: int | None = None  # DeepCache skip branch (0 = shallowest)
     guidance_steps: float | None = None  # share of the steps (from the first) that use CFG
@@ -98,8 +122,11 @@ class RunOptions:
 
     def validate(self) -> None:
         self.denoise_options().validate()
-        if not 1 <= self.chunk_frames <= 24:
-            raise ConfigError(f"chunk_frames must be 1..24, got {self.chunk_frames}")
+        check_choice("face detector", self.detector, DETECTORS)
+        if not 1 <= self.chunk_frames <= MAX_CHUNK_FRAMES:
+            raise ConfigError(
+                f"chunk_frames must be 1..{MAX_CHUNK_FRAMES}, got {self.chunk_frames}"
+            )
         if self.min_face_size < 1:
             raise ConfigError(f"min_face_size must be positive, got {self.min_face_size}")
 
@@ -139,21 +166,10 @@ class RunReport:
         return d
 
 
-class Progress:
-    """Progress sink: the CLI draws bars, the web UI a bar, the API nothing (this base class)."""
-
-    def start(self, stage: str, total: int) -> None:  # noqa: B027 - optional hook
-        pass
-
-    def advance(self, stage: str, n: int = 1) -> None:  # noqa: B027
-        pass
-
-    def finish(self, stage: str) -> None:  # noqa: B027
-        pass
-
-
 @dataclass
 class FaceTrackResult:
+    """Pass 1's result: where the face to edit is, as alignment matrices."""
+
     matrices: np.ndarray  # (n_video, 2, 3) float32; NaN rows where no usable face
     usable: np.ndarray  # (n_video,) bool
     status: list[FrameStatus]
@@ -183,42 +199,32 @@ class LipSyncPipeline:
     def track_faces(
         self, frames: VideoFrames, num_frames: int, options: RunOptions, progress: Progress
     ) -> FaceTrackResult:
-        """Pass 1: the face to edit in each of the first ``num_frames`` frames, and its matrix."""
+        """Pass 1: the face to edit in each of the first ``num_frames`` frames, and its matrix.
+        No usable face anywhere: :class:`~lipsync.errors.NoFaceError`."""
         progress.start("faces", num_frames)
-        entry = cached = None
+        entry = track = None
         if options.face_cache and isinstance(frames, FileFrames):
             key = track_key(frames.path, options.min_face_size)
             entry = Path(options.face_cache).expanduser() / f"{key}.npz"
-            cached = load_track(entry, num_frames)
-        if cached is not None:
-            points, status, report = cached
+            track = load_track(entry, num_frames)
+        if track is not None:
             progress.advance("faces", num_frames)
         else:
-            points, status, report = self._detect(frames, num_frames, options, progress)
+            track = track_faces(
+                frames.batches(num_frames), options.detector, min_face_size=options.min_face_size,
+                on_frames=lambda n: progress.advance("faces", n),
+            )  # fmt: skip
             if entry is not None:
-                save_track(entry, points, status, report, complete=len(points) < num_frames)
+                save_track(entry, track, complete=len(track) < num_frames)
         progress.finish("faces")
-        n = len(points)
-        usable = np.array([p is not None for p in points], dtype=bool)
-        matrices = np.full((n, 2, 3), np.nan, dtype=np.float32)
+        usable = track.usable
+        matrices = np.full((len(track), 2, 3), np.nan, dtype=np.float32)
         if usable.any():
-            valid = np.stack([p for p in points if p is not None]).astype(np.float32)
-            matrices[usable] = estimate_transforms(valid, self.resolution, smooth=True)
-        require_faces(_TrackView(report))
-        return FaceTrackResult(matrices, usable, status)
-
-    @staticmethod
-    def _detect(frames: VideoFrames, num_frames: int, options: RunOptions, progress: Progress):
-        points: list[np.ndarray | None] = []
-        status: list[FrameStatus] = []
-        with MediaPipeDetector(min_face_size=options.min_face_size) as detector:
-            for batch in frames.batches(num_frames):
-                for observations in detector.detect_all(batch):
-                    step = detector.tracker.update(observations)
-                    points.append(step.face.points3 if step.face is not None else None)
-                    status.append(step.status)
-                progress.advance("faces", len(batch))
-            return points, status, detector.report
+            matrices[usable] = estimate_transforms(
+                track.points[usable], self.resolution, smooth=True
+            )
+        require_faces(track)
+        return FaceTrackResult(matrices, usable, track.status)
 
     # -- the run -------------------------------------------------------------------------
 
@@ -276,29 +282,40 @@ class LipSyncPipeline:
                 f"frames must be a non-empty (N, H, W, 3) uint8 array, got "
                 f"{frames.dtype} {frames.shape}"
             )
+        return self.run_frames(ArrayFrames(frames), waveform, options, progress)
+
+    def run_frames(
+        self,
+        frames: VideoFrames,
+        waveform: np.ndarray,
+        options: RunOptions | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[np.ndarray, RunReport]:
+        """Any frame source (:class:`~lipsync.media.frames.FileFrames` streams a file,
+        :class:`~lipsync.media.frames.ArrayFrames` holds arrays) and a 16 kHz mono float32
+        waveform in; the synced frames (M, H, W, 3) uint8 out, nothing encoded. A file source
+        reads and fills ``options.face_cache`` as :meth:`run` does."""
+        options = options or RunOptions()
+        options.validate()
         wav = np.asarray(waveform, dtype=np.float32).reshape(-1)
         if not len(wav):
             raise AudioError("the audio is empty")
         report = self._new_report(options)
-        out = self._run(ArrayFrames(frames), wav, lambda _: ArraySink(), options, progress, report)
+        out = self._run(frames, wav, lambda _: ArraySink(), options, progress, report)
         return out, report
 
     def _x264_preset(self, options: RunOptions) -> str:
         if options.x264_preset != "auto":
             return options.x264_preset
-        # Measured on the H100 machine (16 cores), 1080p: medium 36-54 frames/s, veryfast
-        # 89-118 (docs/PERFORMANCE.md); with a GPU the encoder must keep up with the model.
+        # with a GPU the encoder must keep up with the model (docs/PERFORMANCE.md, "Media")
         return "veryfast" if self.engine.device.type == "cuda" else "medium"
 
     def _new_report(self, options: RunOptions) -> RunReport:
         e = self.engine
         seed = options.seed if options.seed is not None else int(torch.seed() % 2**31)
-        fp8 = bool(getattr(e, "fp8", False)) or (
-            self.models is not None and has_fp8(self.models.unet)
-        )
         return RunReport(
             output=None, preset=e.preset_name, device=str(e.device), dtype=e.dtype_name, seed=seed,
-            mode=options.mode, denoise=options.denoise_options().as_dict(), fp8=fp8,
+            mode=options.mode, denoise=options.denoise_options().as_dict(), fp8=bool(e.fp8),
         )  # fmt: skip
 
     def _run(self, frames, wav, open_sink, options, progress, report: RunReport):
@@ -408,10 +425,3 @@ class LipSyncPipeline:
         out = frames.copy()
         out[sel] = restored.cpu().numpy() if isinstance(restored, torch.Tensor) else restored
         return out
-
-
-class _TrackView:
-    """Adapter so :func:`require_faces` can read a detector's running report."""
-
-    def __init__(self, report):
-        self.report = report

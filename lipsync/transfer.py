@@ -6,18 +6,38 @@ idle through each chunk's whole denoising loop, and the GPU idle while the host 
 aligned and queued the next chunk. :func:`to_device` copies through pinned memory without
 blocking (the pinned buffer stays alive until the copy is done: torch's caching host allocator
 records the copy's stream). :func:`device_constant` keeps small per-device tables (resampling
-operators, look-up tables) so they are uploaded once.
+operators, look-up tables) so they are uploaded once. :func:`blocking_copies` turns the waiting
+back on inside a block (an A/B switch for measuring what it costs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import torch
 
-#: A/B switch for benchmarks (benchmarks/gpu_e2e.py ``+blocking``): plain blocking copies.
-BLOCKING = False
+_BLOCKING: ContextVar[bool] = ContextVar("lipsync_blocking_copies", default=False)
+
+
+@contextmanager
+def blocking_copies(on: bool = True) -> Iterator[None]:
+    """Inside the block (this thread), host→device copies are plain blocking ``.to(device)``
+    calls and GPU→host frame downloads are waited for at once (:func:`is_blocking`): the
+    behaviour before the pipeline stopped waiting on the GPU. Restored on exit."""
+    token = _BLOCKING.set(on)
+    try:
+        yield
+    finally:
+        _BLOCKING.reset(token)
+
+
+def is_blocking() -> bool:
+    """Whether copies must block here (inside :func:`blocking_copies`)."""
+    return _BLOCKING.get()
+
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
@@ -37,7 +57,7 @@ def to_device(
         t = t.to(dtype)
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
-    if BLOCKING:
+    if is_blocking():
         return t.to(device)
     return t.contiguous().pin_memory().to(device, non_blocking=True)
 

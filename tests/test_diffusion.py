@@ -10,7 +10,7 @@ from lipsync.config import get_preset
 from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
 from lipsync.errors import ConfigError
 from lipsync.face.mask import make_mask
-from lipsync.models.bundle import load_models
+from lipsync.loading import load_models
 from lipsync.models.scheduler import make_scheduler
 
 

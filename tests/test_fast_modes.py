@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from lipsync.bench import count_flops, make_unet_inputs
 from lipsync.diffusion import MODES, ChunkDenoiser, DenoiseOptions, initial_noise
 from lipsync.errors import ConfigError
 from lipsync.face.mask import make_mask
-from lipsync.models.bundle import load_models
+from lipsync.loading import load_models
 from lipsync.models.unet import StepCache
+from lipsync.tools.bench import count_flops, make_unet_inputs
 
 FRAMES = 4
 

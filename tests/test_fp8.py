@@ -104,7 +104,7 @@ def test_the_guard_refuses_cpu_and_old_gpus(monkeypatch):
 
 
 def test_unet_conversion_picks_the_big_transformer_linears():
-    from lipsync.models.bundle import load_models
+    from lipsync.loading import load_models
 
     unet = load_models("tiny", dtype="bf16").unet
     x = torch.randn(

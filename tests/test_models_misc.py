@@ -13,16 +13,16 @@ import torch
 from conftest import MEDIA, REFERENCE
 from safetensors.torch import save_file
 
+from lipsync.checkpoints import load_vae
 from lipsync.config import Preset
 from lipsync.errors import CheckpointError, ConfigError
-from lipsync.models.bundle import load_models, parse_dtype
+from lipsync.loading import load_models, parse_dtype
 from lipsync.models.scheduler import make_scheduler
 from lipsync.models.vae import (
     SCALING_FACTOR,
     SD_VAE_FT_MSE_CONFIG,
     TINY_VAE_CONFIG,
     build_autoencoder,
-    load_vae,
     random_vae,
 )
 
@@ -125,7 +125,7 @@ def test_load_models_reads_a_downloaded_cache_layout(tmp_path):
     shutil.copy(REFERENCE / "whisper_tiny/encoder_random.pt", base / "whisper/tiny.pt")
     vae_state = {k: v.contiguous() for k, v in random_vae().autoencoder.state_dict().items()}
     write_vae_folder(tmp_path / "sd-vae-ft-mse", vae_state)
-    bundle = load_models(preset, root=tmp_path, dtype="bf16")
+    bundle = load_models(preset, checkpoint_dir=tmp_path, dtype="bf16")
     assert bundle.unet.dtype == torch.bfloat16
     assert bundle.vae.dtype == torch.bfloat16
     assert bundle.audio.dims.n_audio_state == 384
@@ -189,8 +189,10 @@ def test_cli_bench_smoke_on_cpu():
 def test_bench_and_profile_run_what_compile_returns(monkeypatch, tmp_path, tool):
     """A "full" compile wraps the U-Net; timing the unwrapped one would time eager code."""
     import lipsync.accel.compile as accel
-    from lipsync.bench import bench_model
-    from lipsync.profiling import profile_model
+    from lipsync.config import LoadOptions
+    from lipsync.pipeline import RunOptions
+    from lipsync.tools.bench import bench_model
+    from lipsync.tools.profile import profile_model
 
     calls = {"wrapped": 0, "vae": 0}
 
@@ -215,10 +217,12 @@ def test_bench_and_profile_run_what_compile_returns(monkeypatch, tmp_path, tool)
 
     monkeypatch.setattr(accel, "compile_unet", lambda unet, mode: Wrapped(unet))
     monkeypatch.setattr(accel, "compile_vae", fake_vae)
+    load = LoadOptions(preset="tiny", compile="full")
+    run = RunOptions(steps=2, chunk_frames=4)
     if tool == "bench":
-        bench_model("tiny", frames=4, steps=2, compile_mode="full", chunks=1)
+        bench_model(load, run, chunks=1)
     else:
-        profile_model(str(tmp_path), "tiny", frames=4, steps=2, compile_mode="full")
+        profile_model(str(tmp_path), load, run)
     assert calls["wrapped"] == 2 * 2  # warm-up + measured chunk, 2 steps each
     assert calls["vae"] == 1
 
@@ -253,7 +257,7 @@ def test_gpu_busy_reads_nvidia_smi_samples(tmp_path, monkeypatch):
     import sys
     import time
 
-    from lipsync.gpu_busy import GpuBusy
+    from lipsync.tools.gpu_busy import GpuBusy
 
     fake = tmp_path / "nvidia-smi"
     fake.write_text(
@@ -300,7 +304,7 @@ def test_cli_profile_writes_a_chrome_trace_and_a_summary(tmp_path):
 
 
 def test_kernel_classes_of_gpu_and_inductor_names():
-    from lipsync.profiling import categorize
+    from lipsync.tools.profile import categorize
 
     assert categorize("aten::_cudnn_attention_forward") == "attention"
     assert categorize("aten::_efficient_attention_forward") == "attention"
@@ -325,7 +329,7 @@ def test_device_time_goes_to_the_launching_operator_and_its_stage():
 
     from torch.autograd import DeviceType
 
-    from lipsync.profiling import time_by_category, time_by_stage
+    from lipsync.tools.profile import time_by_category, time_by_stage
 
     def event(name, parent=None, kernels=()):
         return SimpleNamespace(
@@ -360,7 +364,7 @@ def test_device_time_goes_to_the_launching_operator_and_its_stage():
 def test_time_by_category_counts_every_operator_once():
     from torch.profiler import ProfilerActivity, profile
 
-    from lipsync.profiling import time_by_category
+    from lipsync.tools.profile import time_by_category
 
     x = torch.randn(8, 64, 32, 32)
     conv = torch.nn.Conv2d(64, 64, 3, padding=1)

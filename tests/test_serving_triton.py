@@ -31,8 +31,8 @@ from lipsync.diffusion import DenoiseOptions  # noqa: E402
 from lipsync.engine import LocalEngine  # noqa: E402
 from lipsync.face.align import crops_to_model_input  # noqa: E402
 from lipsync.face.mask import make_mask  # noqa: E402
+from lipsync.loading import load_models  # noqa: E402
 from lipsync.media import read_frames  # noqa: E402
-from lipsync.models.bundle import load_models  # noqa: E402
 from lipsync.serving.triton_client import (  # noqa: E402
     TritonEngine,
     TritonError,

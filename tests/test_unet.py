@@ -150,14 +150,14 @@ def test_null_audio_shortcut_equals_computing_zero_audio(tiny_model, tiny_inputs
 
 
 def test_temporal_attention_math_path_equals_sdpa(tiny_model, tiny_inputs):
-    from lipsync.models.transformer import TemporalAttention
+    from lipsync.models.transformer import set_temporal_attention
 
     s, t, a = (tiny_inputs[k] for k in ("sample", "timestep", "encoder_hidden_states"))
     with torch.inference_mode():
         math_path = tiny_model(s, t, a)
-        TemporalAttention.use_sdpa = True
+        set_temporal_attention(tiny_model, "sdpa")
         try:
             sdpa = tiny_model(s, t, a)
         finally:
-            TemporalAttention.use_sdpa = False
+            set_temporal_attention(tiny_model, "matmul")
     torch.testing.assert_close(math_path, sdpa, rtol=1e-5, atol=1e-5)

@@ -1,1 +1,1 @@
-"""Acceleration: compilation, CUDA graphs, caching modes (issue #5)."""
+"""Acceleration: regional ``torch.compile`` (:mod:`.compile`), FP8 linear layers (:mod:`.fp8`)."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lipsync.errors import ConfigError
+from lipsync.constants import COMPILE_MODES, CompileMode
+from lipsync.errors import ConfigError, check_choice
 from lipsync.models.layers import Downsample3D, ResnetBlock3D, Upsample3D
 from lipsync.models.transformer import MotionModule, SpatialTransformer
 
 REGIONS = (ResnetBlock3D, SpatialTransformer, MotionModule, Downsample3D, Upsample3D)
-MODES = ("none", "regional", "full", "full-cudagraphs")
+MODES = COMPILE_MODES
 
 
 def compile_regions(unet: nn.Module, inductor_mode: str | None = None) -> None:
@@ -28,10 +29,9 @@ def compile_regions(unet: nn.Module, inductor_mode: str | None = None) -> None:
             module.compile(mode=inductor_mode, dynamic=False)
 
 
-def compile_unet(unet: nn.Module, mode: str = "regional") -> nn.Module:
+def compile_unet(unet: nn.Module, mode: CompileMode = "regional") -> nn.Module:
     """Compile ``unet`` in place (regional) or wrap it (full). Returns the module to call."""
-    if mode not in MODES:
-        raise ConfigError(f"unknown compile mode {mode!r}; choose one of: {', '.join(MODES)}")
+    check_choice("compile mode", mode, COMPILE_MODES)
     if mode == "none":
         return unet
     if mode == "regional":

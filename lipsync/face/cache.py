@@ -9,8 +9,10 @@ face size, the detector and the file format version), so an edited video or a ch
 never reads a stale entry. An entry holds the first N frames' track; a run that needs more
 frames than that tracks again and replaces it (tracking is sequential: frame i depends only on
 frames before it, so a prefix of a longer track is the shorter track). Entries are written
-atomically (temp file + rename). What is stored is resolution-independent: the 3 alignment
-points and the status of each frame; matrices are computed from them for the model's size.
+atomically (temp file + rename). What is stored is resolution-independent: a
+:class:`~lipsync.face.track.FaceTrack` without its observations (the 3 alignment points, the
+followed face's box and the status of each frame); matrices are computed from the points for the
+model's size.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lipsync.face.track import FrameStatus, TrackReport
+from lipsync.face.track import FaceTrack, FrameStatus, TrackReport
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: boxes stored too
 DETECTOR = "mediapipe-facemesh-0.10.21"
 
 
@@ -37,30 +39,21 @@ def track_key(video_path: str | os.PathLike, min_face_size: int) -> str:
     return h.hexdigest()
 
 
-def save_track(
-    path: str | os.PathLike,
-    points: list[np.ndarray | None],
-    status: list[FrameStatus],
-    report: TrackReport,
-    complete: bool = False,
-) -> Path:
-    """points: per frame a (3, 2) array of alignment points or None (no usable face);
-    ``complete``: the track reaches the video's last frame."""
+def save_track(path: str | os.PathLike, track: FaceTrack, complete: bool = False) -> Path:
+    """Store ``track`` (its observations are not kept); ``complete``: the track reaches the
+    video's last frame."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.full((len(points), 3, 2), np.nan, dtype=np.float64)
-    for i, p in enumerate(points):
-        if p is not None:
-            arr[i] = p
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             np.savez(
                 f,
-                points=arr,
-                status=np.array([s.value for s in status]),
-                min_face_size=np.int64(report.min_face_size),
-                other_faces=np.int64(report.other_faces),
+                points=track.points.astype(np.float64),
+                boxes=track.boxes,
+                status=np.array([s.value for s in track.status]),
+                min_face_size=np.int64(track.report.min_face_size),
+                other_faces=np.int64(track.report.other_faces),
                 complete=np.bool_(complete),
             )
         os.replace(tmp, path)
@@ -69,25 +62,24 @@ def save_track(
     return path
 
 
-def load_track(
-    path: str | os.PathLike, num_frames: int
-) -> tuple[list[np.ndarray | None], list[FrameStatus], TrackReport] | None:
+def load_track(path: str | os.PathLike, num_frames: int) -> FaceTrack | None:
     """The first ``num_frames`` frames of what :func:`save_track` stored, or None when the entry
     is missing, unreadable, or shorter than that without reaching the video's end. The report
     is recounted for those frames (``other_faces`` is the stored track's count)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            arr = z["points"]
+            points = z["points"]
+            boxes = z["boxes"]
             status = [FrameStatus(s) for s in z["status"].tolist()]
             report = TrackReport(min_face_size=int(z["min_face_size"]))
             report.other_faces = int(z["other_faces"])
             complete = bool(z["complete"])
     except (OSError, KeyError, ValueError):
         return None
-    if len(status) != len(arr) or (len(arr) < num_frames and not complete):
+    if not len(status) == len(points) == len(boxes) or (len(points) < num_frames and not complete):
         return None
-    points = [None if np.isnan(p).any() else p for p in arr[:num_frames]]
     status = status[:num_frames]
     for s in status:
         report.count(s)
-    return points, status, report
+    points = points[:num_frames].astype(np.float32)
+    return FaceTrack(status, points, boxes[:num_frames].astype(np.float32), report)

@@ -1,6 +1,9 @@
 """Face detection and landmarks: every face in every frame, then the tracked one per frame.
 
-Backends share one interface, :class:`FaceDetector`:
+:func:`track_faces` is the one way to get a clip's face track: a detector over the frames in order,
+then the tracking policy of :mod:`lipsync.face.track`; the pipeline, the job service's pre-queue
+check and the data tools call it. The detector is chosen by name (:func:`make_detector`,
+``--detector``). Backends share one interface, :class:`FaceDetector`:
 
 - :meth:`FaceDetector.detect_all` -- all faces per frame (``list[list[FaceObservation]]``);
 - :meth:`FaceDetector.detect` -- per frame the face to edit or None, chosen by the tracking policy
@@ -28,13 +31,10 @@ order. Landmarks, boxes and :attr:`FaceObservation.points3` are in pixels of tho
     landmarks (0.5 px mean / 2.8 px max at 960 px, 1.1 / 4.4 px at 640 px on the demo).
     FaceMesh does not report a per-face confidence; ``score`` is None.
 
-:class:`InsightFaceDetector` (optional)
-    SCRFD (``det_10g.onnx``) + ``2d106det.onnx`` through the ``insightface`` package, what
-    reference LatentSync 1.6 uses. Needs ``pip install insightface onnxruntime`` and the model
-    files on disk (nothing is downloaded). It mirrors the reference's choices: 640x640 detection,
-    score >= 0.5, boxes with width/height outside [0.2, 1.5] dropped, RGB frames fed as they are
-    (the reference does so, although InsightFace's models were trained on BGR), and
-    :attr:`FaceObservation.points3` from the 106 landmarks rounded to integers first.
+InsightFace (SCRFD + 2d106, what reference LatentSync 1.6 uses) is not a backend here: its model
+files cannot be obtained in this project's environment, so that path could never be tested with
+its real model, and untested it was removed. The landmark groups of its 106 points stay in
+:mod:`lipsync.face.landmarks` for whoever adds it back with a real-model test.
 
 The three alignment points and their landmark indices are documented in
 :mod:`lipsync.face.landmarks`.
@@ -43,61 +43,24 @@ The three alignment points and their landmark indices are documented in
 from __future__ import annotations
 
 import abc
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from lipsync.errors import ConfigError
-from lipsync.face.landmarks import (
-    bbox_from_landmarks,
-    points3_insightface106,
-    points3_mediapipe,
-)
-from lipsync.face.track import DEFAULT_MIN_FACE_SIZE, FaceTracker, TrackReport
+from lipsync.constants import DEFAULT_MIN_FACE_SIZE, DETECTORS, DetectorName
+from lipsync.errors import ConfigError, check_choice
+from lipsync.face.landmarks import bbox_from_landmarks, points3_mediapipe
+from lipsync.face.track import FaceObservation, FaceTrack, FaceTracker, TrackBuilder, TrackReport
 from lipsync.media.color import as_rgb_batch
 
 __all__ = [
     "FaceDetector",
     "FaceObservation",
-    "InsightFaceDetector",
     "MediaPipeDetector",
     "as_frames",
+    "make_detector",
+    "track_faces",
 ]
-
-Box = tuple[float, float, float, float]
-
-
-@dataclass(frozen=True, eq=False)
-class FaceObservation:
-    """One face in one frame.
-
-    ``landmarks``: (K, 2) float32 pixels (K = 468 for FaceMesh, 106 for InsightFace);
-    ``bbox``: ``(x0, y0, x1, y1)`` pixels, may extend past the frame edges;
-    ``score``: detector confidence in [0, 1], None when the backend has none;
-    ``points3``: (3, 2) float32, whole pixels: image-left eyebrow centre, image-right eyebrow
-    centre, nose centre (see :mod:`lipsync.face.landmarks`).
-    """
-
-    landmarks: np.ndarray
-    bbox: Box
-    score: float | None
-    points3: np.ndarray
-
-    @property
-    def width(self) -> float:
-        return self.bbox[2] - self.bbox[0]
-
-    @property
-    def height(self) -> float:
-        return self.bbox[3] - self.bbox[1]
-
-    @property
-    def size(self) -> float:
-        """Short side of the box in pixels (what ``min_face_size`` is compared with)."""
-        return min(self.width, self.height)
 
 
 def as_frames(frames: np.ndarray) -> np.ndarray:
@@ -230,94 +193,51 @@ def _import_face_mesh():
     return FaceMesh
 
 
-# -- InsightFace (optional, reference 1.6) --------------------------------------------------------
+def make_detector(
+    name: DetectorName = "mediapipe", *, min_face_size: int = DEFAULT_MIN_FACE_SIZE, **options
+) -> FaceDetector:
+    """A detector backend by name (``--detector``); ``options`` go to its constructor."""
+    check_choice("face detector", name, DETECTORS)
+    return MediaPipeDetector(min_face_size=min_face_size, **options)
 
-INSIGHTFACE_DETECTION_MODEL = "det_10g.onnx"
-INSIGHTFACE_LANDMARK_MODEL = "2d106det.onnx"
-INSIGHTFACE_DETECT_SIZE = 640
 
+def track_faces(
+    frames: np.ndarray | Iterable[np.ndarray],
+    detector: FaceDetector | DetectorName = "mediapipe",
+    *,
+    min_face_size: int = DEFAULT_MIN_FACE_SIZE,
+    follow: bool = True,
+    keep_observations: bool = False,
+    on_frames: Callable[[int], None] | None = None,
+) -> FaceTrack:
+    """Detect every face in every frame and choose, frame by frame, the face to edit.
 
-def find_insightface_models(model_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """The detection and 106-landmark model files under ``model_dir``.
+    ``frames``: one (N, H, W, 3) uint8 RGB array, or an iterable of such batches in video order
+    (e.g. :meth:`lipsync.media.frames.VideoFrames.batches`), read once; memory stays bounded by
+    a batch. ``detector``: a backend name (made here with ``min_face_size`` and closed at the
+    end) or a :class:`FaceDetector` (its own ``min_face_size`` applies; it is reset first and
+    left open). ``follow=False`` treats the frames as unrelated images (a sample spread over a
+    video): each gets its largest face. ``on_frames(n)`` is called after each batch (progress).
 
-    ``model_dir`` may hold the two files itself or be an InsightFace root (``models/buffalo_l/``
-    below it, as in the reference's ``checkpoints/auxiliary``). Raises :class:`ConfigError`.
+    Returns a :class:`~lipsync.face.track.FaceTrack`: per frame its
+    :class:`~lipsync.face.track.FrameStatus`, the alignment points ready for
+    :func:`lipsync.face.align.estimate_transforms` (NaN where no usable face), the followed
+    face's box, the :class:`~lipsync.face.track.TrackReport`; with ``keep_observations`` also
+    every chosen :class:`~lipsync.face.track.FaceObservation` (all landmarks).
     """
-    root = Path(model_dir).expanduser()
-    places = [root, root / "models" / "buffalo_l", root / "buffalo_l"]
-    for place in places:
-        det, lmk = place / INSIGHTFACE_DETECTION_MODEL, place / INSIGHTFACE_LANDMARK_MODEL
-        if det.is_file() and lmk.is_file():
-            return det, lmk
-    looked = ", ".join(str(p) for p in places)
-    raise ConfigError(
-        f"InsightFace model files {INSIGHTFACE_DETECTION_MODEL} and {INSIGHTFACE_LANDMARK_MODEL} "
-        f"not found (looked in {looked}); they come with the LatentSync 1.6 checkpoints under "
-        "auxiliary/models/buffalo_l/"
-    )
-
-
-class InsightFaceDetector(FaceDetector):
-    """SCRFD + 2d106 landmarks through ``insightface`` (optional; see the module docstring).
-
-    ``model_dir``: folder with ``det_10g.onnx`` and ``2d106det.onnx`` (or an InsightFace root
-    holding ``models/buffalo_l/``). ``providers``: onnxruntime execution providers, default
-    CUDA then CPU. Not covered by tests with real models (none are shipped).
-    """
-
-    name = "insightface"
-
-    def __init__(
-        self,
-        model_dir: str | os.PathLike,
-        *,
-        det_size: int = INSIGHTFACE_DETECT_SIZE,
-        det_thresh: float = 0.5,
-        providers: Sequence[str] | None = None,
-        ctx_id: int = 0,
-        min_face_size: int = DEFAULT_MIN_FACE_SIZE,
-    ) -> None:
-        super().__init__(min_face_size=min_face_size)
-        det_path, lmk_path = find_insightface_models(model_dir)
-        try:
-            from insightface.app.common import Face
-            from insightface.model_zoo import get_model
-        except ImportError as exc:
-            raise ConfigError(
-                "the InsightFace face detector needs the insightface package: "
-                f"pip install insightface onnxruntime-gpu (or onnxruntime) ({exc})"
-            ) from exc
-        providers = list(providers or ["CUDAExecutionProvider", "CPUExecutionProvider"])
-        self._face_cls = Face
-        self._det = get_model(str(det_path), providers=providers)
-        self._lmk = get_model(str(lmk_path), providers=providers)
-        if self._det is None or getattr(self._det, "taskname", None) != "detection":
-            raise ConfigError(f"{det_path} is not an InsightFace detection model")
-        if self._lmk is None or getattr(self._lmk, "taskname", None) != "landmark_2d_106":
-            raise ConfigError(f"{lmk_path} is not an InsightFace 2d106 landmark model")
-        self._det.prepare(ctx_id, input_size=(det_size, det_size), det_thresh=det_thresh)
-        self._lmk.prepare(ctx_id)
-        self._det_thresh = det_thresh
-
-    def _detect_frame(self, frame: np.ndarray) -> list[FaceObservation]:
-        # The reference feeds its RGB frames to InsightFace unchanged; so do we.
-        bboxes, kpss = self._det.detect(frame, max_num=0, metric="default")
-        out = []
-        for i in range(bboxes.shape[0]):
-            x0, y0, x1, y1, score = (float(v) for v in bboxes[i, :5])
-            w, h = x1 - x0, y1 - y0
-            if score < self._det_thresh or h <= 0 or not 0.2 <= w / h <= 1.5:
-                continue  # the reference's sanity filters (size is the tracker's business)
-            face = self._face_cls(
-                bbox=bboxes[i, :4], kps=None if kpss is None else kpss[i], det_score=score
-            )
-            lmk = np.asarray(self._lmk.get(frame, face), dtype=np.float32)
-            out.append(
-                FaceObservation(
-                    landmarks=lmk,
-                    bbox=(x0, y0, x1, y1),
-                    score=score,
-                    points3=points3_insightface106(lmk),
-                )
-            )
-        return out
+    own = not isinstance(detector, FaceDetector)
+    det = make_detector(detector, min_face_size=min_face_size) if own else detector
+    try:
+        det.reset()
+        det.tracker.follow = follow
+        batches = [frames] if isinstance(frames, np.ndarray) else frames
+        builder = TrackBuilder(keep_observations)
+        for batch in batches:
+            for observations in det.detect_all(batch):
+                builder.add(det.tracker.update(observations))
+            if on_frames is not None:
+                on_frames(len(batch))
+        return builder.build(det.report)
+    finally:
+        if own:
+            det.close()

@@ -12,6 +12,8 @@ Policy (:class:`FaceTracker`, :func:`select_faces`):
    picked, however large they grow. The landmark rule also discards MediaPipe's occasional
    duplicate of the tracked face (a fresh detection of the same person, reported as a second face
    with a looser fit).
+   With ``follow=False`` there is no continuity: every frame gets its own largest face (the
+   frames are unrelated images, e.g. a few samples spread over a video).
 3. **Lose and re-acquire.** A frame in which no face continues the target leaves the frame
    unchanged; the last known box is kept, so a face that disappears (turns away, is occluded)
    and comes back at about the same place is picked up again. With ``max_lost_frames=n`` the
@@ -20,10 +22,13 @@ Policy (:class:`FaceTracker`, :func:`select_faces`):
 4. **Minimum size.** A tracked face whose box is smaller than ``min_face_size`` pixels on its
    short side is too small to edit well: the frame is passed through unchanged and counted.
 
-Per frame the result is the chosen :class:`~lipsync.face.detect.FaceObservation` or None with a
-:class:`FrameStatus` saying why. :class:`TrackReport` counts the frames per status.
-:func:`require_faces` raises :class:`~lipsync.errors.NoFaceError` when no frame has a usable face;
-call it before any heavy work.
+Per frame the result is the chosen :class:`FaceObservation` (what a detector reports for one
+face) or None with a :class:`FrameStatus` saying why; :class:`TrackReport` counts the frames per
+status; :class:`FaceTrack` holds a whole clip's result with the alignment points ready for
+:func:`lipsync.face.align.estimate_transforms`. :func:`require_faces` raises
+:class:`~lipsync.errors.NoFaceError` when no frame has a usable face; call it before any heavy
+work. Running a detector over a video and this policy in one pass is
+:func:`lipsync.face.detect.track_faces`.
 """
 
 from __future__ import annotations
@@ -33,17 +38,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lipsync.constants import DEFAULT_MIN_FACE_SIZE
 from lipsync.errors import ConfigError, NoFaceError
-
-if TYPE_CHECKING:  # detect.py imports this module; the type is only needed for annotations
-    from lipsync.face.detect import FaceObservation
 
 __all__ = [
     "DEFAULT_MIN_FACE_SIZE",
+    "FaceObservation",
     "FaceTrack",
     "FaceTracker",
     "FrameStatus",
@@ -56,9 +59,37 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MIN_FACE_SIZE = 64
-
 Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True, eq=False)
+class FaceObservation:
+    """One face in one frame, as a detector (:mod:`lipsync.face.detect`) reports it.
+
+    ``landmarks``: (K, 2) float32 pixels (K = 468 for FaceMesh);
+    ``bbox``: ``(x0, y0, x1, y1)`` pixels, may extend past the frame edges;
+    ``score``: detector confidence in [0, 1], None when the backend has none;
+    ``points3``: (3, 2) float32, whole pixels: image-left eyebrow centre, image-right eyebrow
+    centre, nose centre (see :mod:`lipsync.face.landmarks`).
+    """
+
+    landmarks: np.ndarray
+    bbox: Box
+    score: float | None
+    points3: np.ndarray
+
+    @property
+    def width(self) -> float:
+        return self.bbox[2] - self.bbox[0]
+
+    @property
+    def height(self) -> float:
+        return self.bbox[3] - self.bbox[1]
+
+    @property
+    def size(self) -> float:
+        """Short side of the box in pixels (what ``min_face_size`` is compared with)."""
+        return min(self.width, self.height)
 
 
 class FrameStatus(StrEnum):
@@ -154,6 +185,7 @@ class FaceTracker:
     max_center_shift: float = 0.5
     max_lost_frames: int | None = None
     duplicate_iou: float = 0.3
+    follow: bool = True  # False: frames are unrelated images, each gets its largest face
     report: TrackReport = field(init=False)
     _box: Box | None = field(init=False, default=None, repr=False)
     _landmarks: np.ndarray | None = field(init=False, default=None, repr=False)
@@ -219,7 +251,7 @@ class FaceTracker:
             return TrackStep(None, None, FrameStatus.NO_FACE)
         restart = self.max_lost_frames is not None and self._missed > self.max_lost_frames
         box = self._box
-        if box is None or restart:
+        if box is None or restart or not self.follow:
             chosen = max(observations, key=lambda o: _area(o.bbox))  # first of equals wins
         else:
             candidates = [o for o in observations if self._continues(o, box)]
@@ -237,28 +269,70 @@ class FaceTracker:
 
 @dataclass
 class FaceTrack:
-    """The per-frame result of :func:`select_faces` for a whole clip."""
+    """A clip's tracking result, frame by frame (:func:`select_faces`,
+    :func:`lipsync.face.detect.track_faces`, :func:`lipsync.face.cache.load_track`).
 
-    faces: list[FaceObservation | None]  # the face to edit, None = leave the frame unchanged
+    ``points``: (N, 3, 2) float32 alignment points of the face to edit, whole pixels, NaN where
+    the frame has no usable face: what :func:`lipsync.face.align.estimate_transforms` takes.
+    ``boxes``: (N, 4) float32 box of the followed face, also when it is too small, NaN where
+    there is none. ``faces`` / ``tracked``: the observations themselves (the face to edit, the
+    followed one), kept only when asked for (they hold every landmark of every frame).
+    """
+
     status: list[FrameStatus]
-    tracked: list[FaceObservation | None]  # the followed face, also when too small
+    points: np.ndarray
+    boxes: np.ndarray
     report: TrackReport
+    faces: list[FaceObservation | None] | None = None
+    tracked: list[FaceObservation | None] | None = None
 
     def __len__(self) -> int:
-        return len(self.faces)
+        return len(self.status)
 
     @property
     def usable(self) -> np.ndarray:
         """(N,) bool: frames with a face to edit."""
-        return np.array([f is not None for f in self.faces], dtype=bool)
+        return np.array([s is FrameStatus.OK for s in self.status], dtype=bool)
 
     def points3(self) -> np.ndarray:
         """(N, 3, 2) float32 alignment points; NaN where the frame has no usable face."""
-        out = np.full((len(self.faces), 3, 2), np.nan, dtype=np.float32)
-        for i, face in enumerate(self.faces):
-            if face is not None:
-                out[i] = face.points3
-        return out
+        return self.points
+
+
+class TrackBuilder:
+    """Collects :class:`TrackStep` s frame by frame into a :class:`FaceTrack`."""
+
+    def __init__(self, keep_observations: bool = False):
+        self.keep = keep_observations
+        self.status: list[FrameStatus] = []
+        self.points: list[np.ndarray] = []
+        self.boxes: list[np.ndarray] = []
+        self.faces: list[FaceObservation | None] = []
+        self.tracked: list[FaceObservation | None] = []
+
+    def add(self, step: TrackStep) -> None:
+        self.status.append(step.status)
+        face, followed = step.face, step.tracked
+        self.points.append(_NO_POINTS if face is None else np.asarray(face.points3, np.float32))
+        self.boxes.append(_NO_BOX if followed is None else np.asarray(followed.bbox, np.float32))
+        if self.keep:
+            self.faces.append(face)
+            self.tracked.append(followed)
+
+    def build(self, report: TrackReport) -> FaceTrack:
+        n = len(self.status)
+        return FaceTrack(
+            status=self.status,
+            points=np.stack(self.points) if n else np.empty((0, 3, 2), np.float32),
+            boxes=np.stack(self.boxes) if n else np.empty((0, 4), np.float32),
+            report=report,
+            faces=self.faces if self.keep else None,
+            tracked=self.tracked if self.keep else None,
+        )
+
+
+_NO_POINTS = np.full((3, 2), np.nan, dtype=np.float32)
+_NO_BOX = np.full(4, np.nan, dtype=np.float32)
 
 
 def select_faces(
@@ -276,25 +350,26 @@ def select_faces(
         max_center_shift=max_center_shift,
         max_lost_frames=max_lost_frames,
     )
-    steps = [tracker.update(obs) for obs in observations_per_frame]
-    track = FaceTrack(
-        faces=[s.face for s in steps],
-        status=[s.status for s in steps],
-        tracked=[s.tracked for s in steps],
-        report=tracker.report,
-    )
-    report = track.report
+    builder = TrackBuilder(keep_observations=True)
+    for obs in observations_per_frame:
+        builder.add(tracker.update(obs))
+    track = builder.build(tracker.report)
+    warn_passed_through(track.report)
+    return track
+
+
+def warn_passed_through(report: TrackReport) -> None:
+    """Log how many frames will be left unchanged, and why."""
     if report.too_small:
         logger.warning(
             "%d frame(s) left unchanged: the face is smaller than %d px", report.too_small,
-            min_face_size,
+            report.min_face_size,
         )  # fmt: skip
     if report.no_face + report.lost and report.with_face:
         logger.warning(
             "%d frame(s) left unchanged: no face (or only other people's faces)",
             report.no_face + report.lost,
         )
-    return track
 
 
 def require_faces(track: FaceTrack) -> FaceTrack:

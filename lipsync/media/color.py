@@ -1,14 +1,17 @@
 """RGB → YUV 4:2:0 (BT.709, limited range) in torch, so a GPU can do the encoder's colour work.
 
-At 1080p, swscale's conversion costs ~7 ms per frame on one CPU core, which caps the encoder
-near 60 frames/s however many cores x264 has. Converting on the GPU (where the restored frames
-already are) moves that off the CPU and halves the bytes copied back to the host.
+At 1080p, swscale's conversion on one CPU core caps the encoder below the GPU model's speed
+however many cores x264 has (docs/PERFORMANCE.md, "Media and face stages"). Converting on the
+GPU (where the restored frames already are) moves that off the CPU and halves the bytes copied
+back to the host.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from lipsync.transfer import is_blocking
 
 # BT.709 luma coefficients; limited ("TV") range: Y in [16, 235], Cb/Cr in [16, 240].
 _KR, _KB = 0.2126, 0.0722
@@ -75,6 +78,9 @@ def rgb_to_yuv420(frames: torch.Tensor | np.ndarray) -> Yuv420Frames:
         host.copy_(out, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(out.device))
+        if is_blocking():  # transfer.blocking_copies(): wait for the download here
+            ready.synchronize()
+            ready = None
         return Yuv420Frames(host, w, h, ready)
     return Yuv420Frames(out.numpy(), w, h)
 

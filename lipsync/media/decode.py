@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from lipsync.constants import FPS
 from lipsync.errors import VideoError, one_line
 from lipsync.media.probe import (
     MediaInfo,
@@ -44,7 +45,7 @@ from lipsync.media.probe import (
     probe,
     video_stream,
 )
-from lipsync.media.timeline import FpsResampler, _as_fraction, rescale_near
+from lipsync.media.timeline import FpsResampler, as_fraction, rescale_near
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class VideoReader:
     def __init__(
         self,
         path: str | os.PathLike,
-        fps: float | Fraction | None = 25,
+        fps: float | Fraction | None = FPS,
         batch: int = 16,
         *,
         start: int = 0,
@@ -171,7 +172,7 @@ class VideoReader:
             check_complete(self.path, VideoError)
         if not self.info.has_video:
             raise VideoError(f"no video stream in {self.path}")
-        self.fps = None if fps is None else _as_fraction(fps)
+        self.fps = None if fps is None else as_fraction(fps)
         self.batch = int(batch)
         self.start = max(0, int(start))
         self.stop = None if stop is None else int(stop)
@@ -386,7 +387,7 @@ class _Batcher:
 
 def iter_frames(
     path: str | os.PathLike,
-    fps: float | Fraction | None = 25,
+    fps: float | Fraction | None = FPS,
     batch: int = 16,
     **kwargs: Any,
 ) -> VideoReader:
@@ -396,7 +397,7 @@ def iter_frames(
 
 def read_frames(
     path: str | os.PathLike,
-    fps: float | Fraction | None = 25,
+    fps: float | Fraction | None = FPS,
     *,
     start: int = 0,
     stop: int | None = None,
@@ -410,7 +411,7 @@ def read_frames(
     return np.concatenate(batches)
 
 
-def scan_timeline(path: str | os.PathLike, fps: float | Fraction = 25) -> np.ndarray:
+def scan_timeline(path: str | os.PathLike, fps: float | Fraction = FPS) -> np.ndarray:
     """Source frame number (in presentation order) of every output frame, from packet timestamps.
 
     Demuxes without decoding (fast: seconds for hours of video), so the output frame count is
@@ -420,7 +421,7 @@ def scan_timeline(path: str | os.PathLike, fps: float | Fraction = 25) -> np.nda
     import av
 
     p = Path(path)
-    out_tb = 1 / _as_fraction(fps)
+    out_tb = 1 / as_fraction(fps)
     container = open_input(p, VideoError, "video")
     try:
         with container:

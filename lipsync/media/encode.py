@@ -45,10 +45,11 @@ from typing import Any
 
 import numpy as np
 
+from lipsync.constants import FPS, SAMPLE_RATE
 from lipsync.errors import MediaError, OutputPathError, one_line
 from lipsync.media.color import Yuv420Frames, as_rgb_batch
 from lipsync.media.probe import has_encoder
-from lipsync.media.timeline import _as_fraction, audio_samples_for_frames
+from lipsync.media.timeline import as_fraction, audio_samples_for_frames
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +183,10 @@ class VideoWriter:
     def __init__(
         self,
         path: str | os.PathLike,
-        fps: float | Fraction = 25,
+        fps: float | Fraction = FPS,
         size: tuple[int, int] | None = None,
         audio: np.ndarray | None = None,
-        sample_rate: int = 16000,
+        sample_rate: int = SAMPLE_RATE,
         *,
         crf: float = 18,
         preset: str = "medium",
@@ -202,7 +203,7 @@ class VideoWriter:
         deterministic: bool = True,
     ) -> None:
         self.path = Path(path)
-        self.fps = _as_fraction(fps)
+        self.fps = as_fraction(fps)
         self.format = _output_format(self.path)
         parent = self.path.parent if str(self.path.parent) else Path(".")
         if not parent.is_dir():
@@ -571,9 +572,9 @@ def _wrap_av_error(exc: BaseException, path: Path) -> BaseException:
 def write_video(
     path: str | os.PathLike,
     frames: np.ndarray,
-    fps: float = 25,
+    fps: float = FPS,
     audio: np.ndarray | None = None,
-    sample_rate: int = 16000,
+    sample_rate: int = SAMPLE_RATE,
     **kwargs: Any,
 ) -> Path:
     """Encode an in-memory (N, H, W, 3) uint8 clip (+ audio) in one call."""

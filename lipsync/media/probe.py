@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lipsync.constants import FPS
 from lipsync.errors import AudioError, MediaError, VideoError, one_line
 
 __all__ = [
@@ -209,7 +210,7 @@ class MediaInfo:
     channels: int | None = None
     audio_duration: float | None = None
 
-    def output_frames(self, fps: float = 25) -> int | None:
+    def output_frames(self, fps: float = FPS) -> int | None:
         """Estimated frame count after resampling to ``fps`` (``round(video_duration * fps)``)."""
         if self.video_duration is None:
             return None

@@ -52,6 +52,8 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
+from lipsync.constants import FPS, SAMPLE_RATE
+
 T = TypeVar("T")
 
 __all__ = [
@@ -146,7 +148,7 @@ def fps_resample_indices(
     pts: Sequence[int] | np.ndarray,
     time_base: Fraction | str | float,
     end_pts: int,
-    fps: Fraction | int | float = 25,
+    fps: Fraction | int | float = FPS,
 ) -> np.ndarray:
     """Source frame index for every output frame of ffmpeg's ``fps`` filter: (num_out,) int64.
 
@@ -154,7 +156,7 @@ def fps_resample_indices(
     units of ``time_base``; ``end_pts`` is the end of the last frame (its pts plus its duration).
     """
     tb = Fraction(time_base)
-    out_tb = 1 / _as_fraction(fps)
+    out_tb = 1 / as_fraction(fps)
     rs: FpsResampler[int] = FpsResampler()
     result: list[int] = []
     for i, p in enumerate(pts):
@@ -163,7 +165,8 @@ def fps_resample_indices(
     return np.asarray(result, dtype=np.int64)
 
 
-def _as_fraction(fps: Fraction | int | float | str) -> Fraction:
+def as_fraction(fps: Fraction | int | float | str) -> Fraction:
+    """A frame rate as an exact fraction (a float is approximated by a denominator <= 1001000)."""
     if isinstance(fps, float):
         if not math.isfinite(fps):
             raise ValueError(f"fps must be a positive number, got {fps}")
@@ -210,17 +213,19 @@ def output_frame_indices(
     return np.arange(min(int(num_video_frames), int(num_output_frames)), dtype=np.int64)
 
 
-def frames_for_audio(num_samples: int, fps: float = 25, sample_rate: int = 16000) -> int:
+def frames_for_audio(num_samples: int, fps: float = FPS, sample_rate: int = SAMPLE_RATE) -> int:
     """Video frames needed to cover ``num_samples`` audio samples: ``ceil(n * fps / sr)``.
 
     (The lip-sync output length itself follows the audio features' window count,
     ``lipsync.audio.num_frame_windows``, which can be up to two frames longer.)
     """
-    f = _as_fraction(fps)
+    f = as_fraction(fps)
     return -(-int(num_samples) * f.numerator // (int(sample_rate) * f.denominator))
 
 
-def audio_samples_for_frames(num_frames: int, fps: float = 25, sample_rate: int = 16000) -> int:
+def audio_samples_for_frames(
+    num_frames: int, fps: float = FPS, sample_rate: int = SAMPLE_RATE
+) -> int:
     """Audio samples kept for ``num_frames`` output frames: ``int(n / fps * sr)``, the reference's
     float expression (``int(len(frames) / video_fps * audio_sample_rate)``)."""
     return int(int(num_frames) / float(fps) * int(sample_rate))

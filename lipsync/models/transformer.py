@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lipsync.constants import TEMPORAL_ATTENTION_KINDS, TemporalAttentionKind
+from lipsync.errors import check_choice
 from lipsync.models.layers import Attention, FeedForward, batch_to_frames, frames_to_batch
 
 
@@ -130,13 +132,13 @@ class TemporalAttention(Attention):
             if position_encoding_max_len is not None
             else None
         )
-
-    # Sequences here are only f <= 24 frames long but there are b*h*w*heads of them. Fused
-    # attention kernels are built for long sequences and run this memory-bound job far slower
-    # than its memory traffic (H100: 1.16 ms for 8192 x 8 heads x 16 frames x 40, where the
-    # bytes take ~0.1 ms); plain batched matmuls + softmax, fused by torch.compile, avoid that.
-    # Set to True to use scaled_dot_product_attention instead (same result up to rounding).
-    use_sdpa: bool = False
+        # Sequences here are only f <= 24 frames long but there are b*h*w*heads of them. Fused
+        # attention kernels are built for long sequences and run this memory-bound job far
+        # slower than its memory traffic (docs/PERFORMANCE.md, "Temporal attention"); plain
+        # batched matmuls + softmax, fused by torch.compile, avoid that. True: use
+        # scaled_dot_product_attention instead (same result up to rounding); see
+        # :func:`set_temporal_attention`.
+        self.use_sdpa = False
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (b*h*w, f, dim) -> (b*h*w, f, dim)
@@ -239,3 +241,12 @@ class MotionModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (b, c, f, h, w) -> (b, c, f, h, w)
         return self.temporal_transformer(x)
+
+
+def set_temporal_attention(model: nn.Module, kind: TemporalAttentionKind) -> None:
+    """How every :class:`TemporalAttention` of ``model`` computes: ``"matmul"`` (the default:
+    batched matmuls + softmax) or ``"sdpa"`` (``scaled_dot_product_attention``)."""
+    check_choice("temporal attention", kind, TEMPORAL_ATTENTION_KINDS)
+    for module in model.modules():
+        if isinstance(module, TemporalAttention):
+            module.use_sdpa = kind == "sdpa"

@@ -511,3 +511,19 @@ class UNet3D(nn.Module):
                 start = tap.up_layer
             x = block.up(x, level_skips, temb, context, size, start=start)
         return x
+
+
+def random_unet(
+    config: dict[str, Any] | UNetConfig,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> UNet3D:
+    """A U-Net with weights drawn from ``seed``, built directly on ``device`` (the ``tiny``
+    preset, ``--random-weights`` timing runs). The global random state is left as it was."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with device:  # initialise in place on the target device (fast for full-size models)
+            model = UNet3D.from_config(config if isinstance(config, UNetConfig) else dict(config))
+    return model.to(dtype=dtype).eval().requires_grad_(False)

@@ -1,21 +1,17 @@
 """The Stable-Diffusion VAE (diffusers' ``AutoencoderKL``, sd-vae-ft-mse weights).
 
 Images are (n, 3, H, W) in [-1, 1]; latents are (n, 4, H/8, W/8), already multiplied by the
-scaling factor 0.18215 (shift 0), which is what the U-Net sees.
+scaling factor 0.18215 (shift 0), which is what the U-Net sees. Reading the official files is
+:func:`lipsync.checkpoints.load_vae`'s job.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-
-from lipsync.errors import CheckpointError, CheckpointNotFoundError
 
 SCALING_FACTOR = 0.18215
 SHIFT_FACTOR = 0.0
@@ -41,14 +37,6 @@ TINY_VAE_CONFIG: dict[str, Any] = {
     "block_out_channels": [8, 16, 16, 16],
     "layers_per_block": 1,
     "norm_num_groups": 8,
-}
-
-# Older diffusers files (sd-vae-ft-mse among them) name the attention projections differently.
-_DEPRECATED_ATTENTION_NAMES = {
-    ".query.": ".to_q.",
-    ".key.": ".to_k.",
-    ".value.": ".to_v.",
-    ".proj_attn.": ".to_out.0.",
 }
 
 
@@ -106,52 +94,3 @@ def random_vae(
         with device:
             model = build_autoencoder(config or TINY_VAE_CONFIG)
     return Vae(model.to(dtype=dtype).eval().requires_grad_(False))
-
-
-def rename_deprecated_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for old, new in _DEPRECATED_ATTENTION_NAMES.items():
-            if old in key and ".attentions." in key:
-                key = key.replace(old, new)
-        out[key] = value
-    return out
-
-
-def load_vae(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> Vae:
-    """Load the VAE from a folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or
-    a single weights file (the sd-vae-ft-mse config is then assumed). Strict: every key must fit.
-    """
-    from lipsync.checkpoints import _convert, check_state_dict, read_checkpoint, unwrap_state_dict
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        config_file = path / "config.json"
-        weights = next(
-            (
-                path / n
-                for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-                if (path / n).is_file()
-            ),
-            None,
-        )
-        if weights is None or not config_file.is_file():
-            raise CheckpointNotFoundError(
-                f"VAE folder {path} needs config.json and diffusion_pytorch_model.safetensors; "
-                "run: lipsync download"
-            )
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read VAE config {config_file}: {e}") from e
-    else:
-        weights, config = path, SD_VAE_FT_MSE_CONFIG
-    state = rename_deprecated_keys(unwrap_state_dict(read_checkpoint(weights), weights))
-    with torch.device("meta"):
-        model = build_autoencoder(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_state_dict(expected, state, "VAE", weights)
-    model.load_state_dict(_convert(state, device, dtype), strict=True, assign=True)
-    return Vae(model.eval().requires_grad_(False))

@@ -7,6 +7,7 @@ names follow OpenAI's ``model.py`` so the official ``tiny.pt`` loads key for key
 
 LatentSync conditions its U-Net on the *input embedding and every residual block output* (not
 on the final ``ln_post`` output); :meth:`WhisperEncoder.forward_layers` returns exactly those.
+Loading an official file: :func:`lipsync.checkpoints.read_whisper_checkpoint`.
 """
 
 from __future__ import annotations
@@ -173,19 +174,12 @@ class WhisperEncoder(nn.Module):
         return self.ln_post(x)
 
 
-ENCODER_PREFIX = "encoder."
-
-
-def encoder_state_dict(state: Mapping[str, Tensor], model: WhisperEncoder) -> dict[str, Tensor]:
-    """Select the ``encoder.*`` entries of an OpenAI state dict and check them strictly.
-
-    Every non-``encoder.`` key (the text decoder) is ignored. Among the ``encoder.`` keys, any
-    missing, unexpected or mis-shaped one raises :class:`CheckpointError` naming the first few.
-    Returns the entries with the prefix removed.
-    """
-    from lipsync.checkpoints import check_state_dict
-
-    enc = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
-    expected = {ENCODER_PREFIX + k: v.shape for k, v in model.state_dict().items()}
-    check_state_dict(expected, enc, "Whisper encoder", top_level=state.keys())
-    return {k[len(ENCODER_PREFIX) :]: v for k, v in enc.items()}
+def random_whisper_encoder(seed: int = 0, dims: WhisperDims | None = None) -> WhisperEncoder:
+    """A Whisper-tiny-shaped encoder (fp32, CPU) with weights drawn from ``seed`` (smoke tests
+    and the ``tiny`` preset). The global random state is left as it was."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return WhisperEncoder(dims or WhisperDims())
+    finally:
+        torch.random.set_rng_state(state)

@@ -64,6 +64,12 @@ def worker(
     preset: Annotated[str | None, typer.Option("--preset", "-p", help="v1.6, v1.5, tiny.")] = None,
     device: Annotated[str | None, typer.Option(help="cuda or cpu.")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
+    compile: Annotated[
+        str | None, typer.Option(help="torch.compile (runner engine): none, regional, full.")
+    ] = None,
+    fp8: Annotated[
+        bool | None, typer.Option("--fp8", help="FP8 U-Net linear layers (runner engine, CUDA).")
+    ] = None,
     runner: Annotated[
         str | None, typer.Option(help="auto, engine, triton or module:factory.")
     ] = None,
@@ -78,8 +84,8 @@ def worker(
 
     settings = _settings(
         database_url=database_url, storage_url=storage_url, preset=preset, device=device,
-        dtype=dtype, runner=runner, triton_url=triton_url, worker_metrics_port=metrics_port,
-        worker_name=name,
+        dtype=dtype, compile=compile, fp8=fp8, runner=runner, triton_url=triton_url,
+        worker_metrics_port=metrics_port, worker_name=name,
     )  # fmt: skip
     settings.require_database()
     _logging(settings)

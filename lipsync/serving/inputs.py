@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from lipsync.constants import FPS
 from lipsync.errors import LipSyncError, MediaError, NoFaceError, one_line
 
 _UNTYPED = ("application/octet-stream", "binary/octet-stream")  # curl's and S3's defaults
@@ -174,7 +175,7 @@ def _code(exc: LipSyncError) -> str:
 
 
 def sample_frames(path: Path, total: int, k: int) -> np.ndarray:
-    """Up to ``k`` frames spread evenly over the first ``total`` (25 fps timeline)."""
+    """Up to ``k`` frames spread evenly over the first ``total`` (the 25 fps timeline)."""
     from lipsync.media import read_frames
 
     if total <= 0:
@@ -192,23 +193,19 @@ def sample_frames(path: Path, total: int, k: int) -> np.ndarray:
 
 def check_face(inputs, k: int, min_face_size: int) -> None:
     """Raise :class:`NoFaceError` when none of ``k`` frames spread over the part of the video
-    that will be used holds a face of at least ``min_face_size`` pixels."""
-    from lipsync.face.detect import MediaPipeDetector
+    that will be used holds a usable face: the run's own face policy
+    (:func:`lipsync.face.detect.track_faces`, :func:`lipsync.face.track.require_faces`), each
+    sampled frame taken as an image of its own."""
+    from lipsync.face.detect import make_detector, track_faces
+    from lipsync.face.track import require_faces
 
-    total = inputs.video.output_frames(25) or 0
-    needed = int(np.ceil(inputs.audio_duration * 25))
+    total = inputs.video.output_frames(FPS) or 0
+    needed = int(np.ceil(inputs.audio_duration * FPS))
     if needed:
         total = min(total, needed) if total else needed
     frames = sample_frames(inputs.video_path, total, k)
-    small = 0
-    with MediaPipeDetector(static_image_mode=True, max_num_faces=1) as detector:
-        for faces in detector.detect_all(frames):
-            if any(f.size >= min_face_size for f in faces):
-                return
-            small += bool(faces)
-    if small:
-        raise NoFaceError(
-            f"the faces in the video are smaller than {min_face_size} px (in {small} of "
-            f"{len(frames)} sampled frames); use a closer shot"
-        )
-    raise NoFaceError(f"no face found in the video ({len(frames)} frames sampled across it)")
+    detector = make_detector(
+        min_face_size=min_face_size, static_image_mode=True, max_num_faces=1
+    )  # fmt: skip
+    with detector:
+        require_faces(track_faces(frames, detector, follow=False))

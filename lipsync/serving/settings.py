@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lipsync.config import LoadOptions
+from lipsync.constants import CompileMode
 from lipsync.errors import ConfigError
 
 ENV_PREFIX = "LIPSYNC_"
@@ -58,6 +60,8 @@ class ServeSettings(BaseModel):
     dtype: str | None = Field(None, description="fp16, bf16 or fp32.")
     checkpoint_dir: str | None = Field(None, description="Checkpoint cache folder.")
     cpu_threads: int | None = Field(None, ge=1, description="Torch threads on the CPU.")
+    compile: CompileMode = Field("none", description="torch.compile the U-Net (runner=engine).")
+    fp8: bool = Field(False, description="FP8 U-Net linear layers, CUDA (runner=engine).")
     chunk_frames: int = Field(16, ge=1, le=24, description="Frames per model chunk at first try.")
     runner: str = Field(
         "auto",
@@ -138,6 +142,14 @@ class ServeSettings(BaseModel):
                 "or pass --database-url"
             )
         return self.database_url
+
+    def load_options(self) -> LoadOptions:
+        """How a worker with ``runner=engine`` loads the model (:mod:`lipsync.loading`)."""
+        return LoadOptions(
+            preset=self.preset, device=self.device, dtype=self.dtype,
+            checkpoint_dir=self.checkpoint_dir, cpu_threads=self.cpu_threads,
+            compile=self.compile, fp8=self.fp8,
+        )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         """The settings for logs, with the database password hidden."""

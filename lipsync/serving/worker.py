@@ -3,8 +3,9 @@
 The thing that runs a job is pluggable (:func:`make_runner`): an object with
 ``run(video, audio, out, progress=None, **options) -> RunReport``, loaded once per worker:
 
-* ``engine`` -- the in-process model, ``LipSync.from_pretrained(preset, device)``;
-* ``triton`` -- a Triton Inference Server at ``triton_url`` (``lipsync.serving.triton_client``);
+* ``engine`` -- the in-process model, loaded with the settings' ``load_options()`` (preset,
+  device, dtype, compile, FP8, …: :func:`lipsync.loading.load_models`);
+* ``triton`` -- a Triton Inference Server at ``triton_url`` (``lipsync.serving.triton.client``);
 * ``module:factory`` -- any callable taking the settings (tests inject failures this way).
 
 One attempt (:meth:`JobExecutor.__call__`): claim the job row under a fresh lease, fetch the
@@ -38,15 +39,14 @@ from procrastinate.job_context import AbortReason, JobContext
 
 from lipsync.errors import ConfigError, one_line
 from lipsync.pipeline import Progress, RunReport
+from lipsync.progress import weighted_fraction
 from lipsync.serving import db, metrics, queue
 from lipsync.serving.logs import job_context
 from lipsync.serving.storage import Storage, open_storage
 
 log = logging.getLogger("lipsync.serving.worker")
 
-# share of the progress bar per pipeline stage (others: equal shares of what is left)
-STAGE_WEIGHTS = {"faces": 0.1, "denoising": 0.85, "encoding": 0.05}
-TRITON_MODULE = "lipsync.serving.triton_client"
+TRITON_MODULE = "lipsync.serving.triton.client"
 
 
 class Runner(Protocol):
@@ -63,13 +63,10 @@ def make_runner(settings) -> Runner:
     if kind == "engine":
         from lipsync.api import LipSync
 
-        return LipSync.from_pretrained(
-            settings.preset, device=settings.device, dtype=settings.dtype,
-            checkpoint_dir=settings.checkpoint_dir, cpu_threads=settings.cpu_threads,
-        )  # fmt: skip
+        return LipSync.from_options(settings.load_options())
     if kind == "triton":
         # ---- Triton branch ------------------------------------------------------------------
-        # lipsync/serving/triton_client.py (built separately) provides
+        # lipsync/serving/triton/client.py (built separately) provides
         #     make_runner(settings) -> Runner     (uses settings.triton_url)
         if not settings.triton_url:
             raise ConfigError("runner=triton needs a Triton URL (LIPSYNC_TRITON_URL, --triton-url)")
@@ -128,14 +125,7 @@ class JobProgress(Progress):
         self.check()
 
     def fraction(self) -> float:
-        total = 0.0
-        for stage, weight in STAGE_WEIGHTS.items():
-            if stage in self.totals:
-                total += weight * min(1.0, self.done.get(stage, 0) / self.totals[stage])
-        others = [s for s in self.totals if s not in STAGE_WEIGHTS]
-        for stage in others:  # a runner with its own stages: share what is left
-            total += min(1.0, self.done.get(stage, 0) / self.totals[stage]) / len(others)
-        return round(min(total, 0.99), 4)
+        return round(min(weighted_fraction(self.totals, self.done), 0.99), 4)
 
     def check(self, force: bool = False) -> None:
         reason = self.context.abort_reason()

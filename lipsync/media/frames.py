@@ -1,4 +1,5 @@
-"""Random-ish access to a video's frames on the 25 fps output timeline, with bounded memory.
+"""A video as the pipeline reads it (:class:`VideoFrames`: a sequential pass, then indexed chunks)
+on the 25 fps output timeline, with bounded memory; or frames already in memory.
 
 The lip-sync output visits source frames in one of two orders: straight through (the audio is
 not longer than the video) or ping-pong (``0..n-1, n-1..0, 0..``, when the audio is longer).
@@ -16,7 +17,9 @@ from typing import Protocol
 
 import numpy as np
 
-from lipsync.media import MediaInfo, iter_frames
+from lipsync.constants import FPS
+from lipsync.media.decode import iter_frames
+from lipsync.media.probe import MediaInfo
 
 CACHE_BYTES = 64 * 2**20  # decoded frames kept for reuse (the turn of a ping-pong loop)
 
@@ -51,7 +54,7 @@ class FrameSource:
     def _open_stream(self, start: int) -> None:
         self.close()
         self._reader = iter_frames(
-            self.path, fps=25, batch=8, start=start, stop=self.num_frames, info=self.info
+            self.path, fps=FPS, batch=8, start=start, stop=self.num_frames, info=self.info
         )
         self._stream = iter(self._reader)
         self._next = start
@@ -73,7 +76,7 @@ class FrameSource:
         lo = max(0, index - self.block + 1)
         self.redecoded_blocks += 1
         with iter_frames(
-            self.path, fps=25, batch=self.block, start=lo, stop=index + 1, info=self.info
+            self.path, fps=FPS, batch=self.block, start=lo, stop=index + 1, info=self.info
         ) as reader:
             for batch in reader:
                 for k, frame in zip(batch.indices.tolist(), batch.frames, strict=True):
@@ -141,7 +144,7 @@ class FileFrames:
         self._source: FrameSource | None = None
 
     def batches(self, stop: int, batch: int = 16) -> Iterator[np.ndarray]:
-        with iter_frames(self.path, fps=25, batch=batch, stop=stop, info=self.info) as reader:
+        with iter_frames(self.path, fps=FPS, batch=batch, stop=stop, info=self.info) as reader:
             for item in reader:
                 yield item.frames
 

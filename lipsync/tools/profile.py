@@ -20,6 +20,11 @@ from collections import defaultdict
 
 import torch
 from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from lipsync.config import LoadOptions
+from lipsync.pipeline import RunOptions
+from lipsync.tools.bench import sync, synthetic_chunk
 
 # Kernel classes, in the order they are tested: a name matches the first class that claims it.
 CATEGORIES = (
@@ -159,33 +164,19 @@ def time_by_stage(events, device: bool) -> dict[str, dict]:
 
 
 def profile_model(
-    out_dir: str,
-    preset: str = "tiny",
-    frames: int = 16,
-    steps: int = 2,
-    device: str | None = None,
-    dtype: str | None = None,
-    rows: int = 25,
-    mode: str = "exact",
-    compile_mode: str = "none",
-    random_weights: bool = False,
-    fp8: bool = False,
-    scheduler: str = "ddim",
+    out_dir: str, load: LoadOptions, run: RunOptions, rows: int = 25
 ) -> tuple[str, dict]:
-    """Profile one chunk of ``frames`` synthetic frames through the model (VAE encode, the
-    U-Net loop in ``mode``, VAE decode), after one warm-up chunk that also compiles.
+    """Profile one chunk of ``run.chunk_frames`` synthetic frames through the model (VAE
+    encode, the U-Net loop in ``run``'s mode, VAE decode), after one warm-up chunk that also
+    compiles (``load.compile``).
 
     Writes ``out_dir/trace.json`` and ``out_dir/summary.json``; returns (top-operators table,
     summary). Host↔device copies appear as ``aten::copy_`` / ``Memcpy`` rows and under "copy".
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    from lipsync.bench import sync, synthetic_chunk
-    from lipsync.diffusion import DenoiseOptions
-
-    options = DenoiseOptions.for_mode(mode, steps=steps, scheduler=scheduler)
-    chunk = synthetic_chunk(preset, frames, options, device, dtype, random_weights, fp8)
-    chunk.compile(compile_mode)
+    run.validate()
+    options, frames = run.denoise_options(), run.chunk_frames
+    chunk = synthetic_chunk(load, frames, options)
+    chunk.compile(load.compile)
     dev, models, dt = chunk.device, chunk.models, chunk.dtype
     chunk.run()  # warm-up (and compilation)
     sync(dev)
@@ -202,8 +193,8 @@ def profile_model(
         "device": torch.cuda.get_device_name(dev) if on_device else "cpu",
         "torch": torch.__version__,
         "dtype": dt,
-        "compile": compile_mode,
-        "fp8": fp8,
+        "compile": load.compile,
+        "fp8": models.fp8,
         "frames": frames,
         "denoise": options.as_dict(),
         "time_kind": "device kernel time" if on_device else "self CPU time",

@@ -1,4 +1,4 @@
-"""Timing helpers and model-level benchmarks (U-Net call, denoising loop, VAE).
+"""``lipsync bench``: timing helpers and the model-level and end-to-end benchmarks.
 
 Device work is timed with CUDA events after warm-up (median of several runs); on the CPU with a
 host clock. FLOPs are counted once with ``torch.utils.flop_counter`` (matmuls, convolutions and
@@ -8,15 +8,23 @@ attention), so TFLOP/s is "useful model FLOPs per second", comparable across imp
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
-from lipsync.config import get_preset
-from lipsync.gpu_busy import GpuBusy
-from lipsync.models.unet import UNet3D
+from lipsync.config import LoadOptions, get_preset
+from lipsync.constants import AUDIO_CHANNELS, AUDIO_TOKENS, CompileMode, TemporalAttentionKind
+from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
+from lipsync.face.mask import make_mask
+from lipsync.loading import ModelBundle, compile_models, dtype_name, load_models
+from lipsync.models.transformer import set_temporal_attention
+from lipsync.models.unet import StepCache, UNet3D, random_unet
+from lipsync.pipeline import LipSyncPipeline, RunOptions
+from lipsync.tools.gpu_busy import GpuBusy
 
 
 def sync(device: torch.device) -> None:
@@ -67,7 +75,8 @@ def make_unet_inputs(
     g = torch.Generator(device=device).manual_seed(seed)
     sample = torch.randn((batch, 13, frames, latent, latent), generator=g, device=device)
     rows = (batch - null_clips) * frames
-    audio = torch.randn((rows, 50, 384), generator=g, device=device) if rows else None
+    shape = (rows, AUDIO_TOKENS, AUDIO_CHANNELS)
+    audio = torch.randn(shape, generator=g, device=device) if rows else None
     return UNetInputs(
         sample.to(dtype),
         torch.tensor(501, device=device),
@@ -78,10 +87,7 @@ def make_unet_inputs(
 
 def build_unet(preset: str, device, dtype, seed: int = 0) -> UNet3D:
     """Random-weight U-Net of a preset's architecture, built directly on ``device``."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = UNet3D.from_config(get_preset(preset).unet_config)
-    return model.to(dtype).eval().requires_grad_(False)
+    return random_unet(get_preset(preset).unet_config, seed, device, dtype)
 
 
 @dataclass
@@ -142,8 +148,6 @@ def unet_flops_by_call(unet: UNet3D, frames: int, latent: int, options, device, 
     """FLOPs of each kind of U-Net call a denoising run with ``options`` makes:
     ``{(guided, full): flops}`` (guided: the CFG batch of 2 clips; full: every layer, else
     the shallow part a DeepCache step runs). Count before compiling (see bench_model)."""
-    from lipsync.models.unet import StepCache
-
     counts = {}
     with torch.inference_mode():
         for guided, full in sorted(set(options.plan())):
@@ -167,116 +171,86 @@ def unet_flops_by_call(unet: UNet3D, frames: int, latent: int, options, device, 
 class SyntheticChunk:
     """One chunk of synthetic faces/audio/noise and a denoiser for it (bench and profile)."""
 
-    models: object  # lipsync.models.bundle.ModelBundle
-    denoiser: object  # lipsync.diffusion.ChunkDenoiser
-    device: torch.device
-    dtype: str
+    models: ModelBundle
+    denoiser: ChunkDenoiser
     faces: torch.Tensor  # (f, 3, r, r) in [-1, 1]
     audio: torch.Tensor  # (f, 50, 384)
     noise: torch.Tensor  # (1, 4, f, r/8, r/8)
     generator: torch.Generator
 
+    @property
+    def device(self) -> torch.device:
+        return self.models.device
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.models.dtype)
+
     def run(self) -> torch.Tensor:
         return self.denoiser(self.faces, self.audio, self.noise, self.generator)
 
-    def compile(self, mode: str) -> None:
-        """Compile like ``lipsync run --compile``: the U-Net in ``mode``, the VAE regionally.
-        The denoiser calls what compile_unet returns ("full" modes wrap rather than patch)."""
-        from lipsync.accel.compile import compile_unet, compile_vae
-
-        self.denoiser.unet = compile_unet(self.models.unet, mode)
-        if mode != "none":
-            compile_vae(self.models.vae, "regional")
+    def compile(self, mode: CompileMode) -> None:
+        """Compile like ``lipsync run --compile`` (:func:`lipsync.loading.compile_models`); the
+        denoiser calls what that leaves in the bundle ("full" modes wrap rather than patch)."""
+        compile_models(self.models, mode)
+        self.denoiser.unet = self.models.unet
 
 
-def synthetic_chunk(
-    preset: str,
-    frames: int,
-    options,
-    device: str | None = None,
-    dtype: str | None = None,
-    random_weights: bool = False,
-    fp8: bool = False,
-) -> SyntheticChunk:
-    """Load ``preset`` (on CUDA if there is one; bf16 there, fp32 on the CPU, unless ``dtype``),
-    FP8-convert it if asked (ConfigError without an FP8 GPU), and make one seeded chunk."""
-    from lipsync.diffusion import ChunkDenoiser, initial_noise
-    from lipsync.face.mask import make_mask
-    from lipsync.models.bundle import load_models
-
+def synthetic_chunk(load: LoadOptions, frames: int, options: DenoiseOptions) -> SyntheticChunk:
+    """Load ``load``'s models uncompiled (:func:`lipsync.loading.load_models`; compile later
+    with :meth:`SyntheticChunk.compile`) and make one seeded chunk of ``frames`` frames."""
     options.validate()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    if fp8:
-        from lipsync.accel.fp8 import require_fp8_device
-
-        require_fp8_device(dev)
-    models = load_models(preset, device=dev, dtype=dt, random_weights=random_weights)
-    if fp8:
-        from lipsync.accel.fp8 import convert_unet_to_fp8
-
-        convert_unet_to_fp8(models.unet)
+    models = load_models(replace(load, compile="none"))
+    dev = models.device
     res = models.preset.resolution
     den = ChunkDenoiser(models.unet, models.vae, torch.from_numpy(make_mask(res)), options)
     g = torch.Generator(device=dev).manual_seed(0)
     faces = torch.rand(frames, 3, res, res, device=dev, generator=g) * 2 - 1
-    audio = torch.randn(frames, 50, 384, device=dev, generator=g)
+    audio = torch.randn(frames, AUDIO_TOKENS, AUDIO_CHANNELS, device=dev, generator=g)
     noise = initial_noise(frames, res // 8, g, dev, models.dtype)
-    return SyntheticChunk(models, den, dev, dt, faces, audio, noise, g)
+    return SyntheticChunk(models, den, faces, audio, noise, g)
 
 
 def bench_model(
-    preset: str = "tiny",
-    frames: int = 16,
-    steps: int = 20,
-    mode: str = "exact",
-    device: str | None = None,
-    dtype: str | None = None,
-    compile_mode: str = "none",
+    load: LoadOptions,
+    run: RunOptions,
     chunks: int = 2,
-    guidance: float = 1.5,
-    random_weights: bool = False,
-    scheduler: str = "ddim",
-    cache_interval: int | None = None,
-    cache_branch: int | None = None,
-    guidance_steps: float | None = None,
-    fp8: bool = False,
+    temporal_attention: TemporalAttentionKind = "matmul",
 ) -> dict:
-    """Synthetic-input benchmark of the model stages for ``chunks`` chunks of ``frames`` frames:
+    """Synthetic-input benchmark of the model stages for ``chunks`` chunks of
+    ``run.chunk_frames`` frames:
     VAE encode, the U-Net loop, VAE decode; per-frame milliseconds, frames/s, U-Net TFLOP/s
     and its share of the measured matrix peak, peak GPU memory. The first chunk (warm-up,
     compilation) is reported separately and excluded from the rates.
 
-    ``mode`` (``exact``, ``fast``) and the explicit ``cache_interval`` / ``cache_branch`` /
-    ``guidance_steps`` / ``scheduler`` choose the denoising options (reported as ``denoise``);
-    ``fp8`` converts the U-Net's big linear layers (CUDA, capability ≥ 8.9). FLOPs are those the
-    loop really runs (cached steps count their shallow part only); ``unet_flop_share_of_exact``
+    ``load`` says what to load and how (``load.compile`` is applied after the FLOPs are
+    counted); ``run`` gives the denoising (mode, steps, scheduler…; reported as ``denoise``);
+    ``temporal_attention`` how the motion modules attend
+    (:func:`lipsync.models.transformer.set_temporal_attention`). FLOPs are those the loop
+    really runs (cached steps count their shallow part only); ``unet_flop_share_of_exact``
     compares them with the exact loop's."""
-    from lipsync.diffusion import DenoiseOptions
-
-    options = DenoiseOptions.for_mode(
-        mode, steps=steps, guidance=guidance, scheduler=scheduler, cache_interval=cache_interval,
-        cache_branch=cache_branch, guidance_steps=guidance_steps,
-    )  # fmt: skip
-    chunk = synthetic_chunk(preset, frames, options, device, dtype, random_weights, fp8)
-    models, den, dev, dt = chunk.models, chunk.denoiser, chunk.device, chunk.dtype
+    run.validate()
+    options, frames = run.denoise_options(), run.chunk_frames
+    chunk = synthetic_chunk(load, frames, options)
+    models, den, dev = chunk.models, chunk.denoiser, chunk.device
     res = models.preset.resolution
+    set_temporal_attention(models.unet, temporal_attention)
 
     # FLOPs, counted before compiling: a first call under the FLOP counter's dispatch mode
     # would leave the compiled regions running eagerly
-    exact = DenoiseOptions(steps, guidance, scheduler)
+    exact = DenoiseOptions(options.steps, options.guidance, options.scheduler)
     per_call = unet_flops_by_call(models.unet, frames, res // 8, exact, dev, models.dtype)
     per_call |= unet_flops_by_call(models.unet, frames, res // 8, options, dev, models.dtype)
     plan = options.plan()
     flops_per_chunk = sum(per_call[step] for step in plan)
     exact_flops_per_chunk = sum(per_call[step] for step in exact.plan())
-    flops_per_call = per_call[(guidance > 1.0, True)]  # one exact call
+    flops_per_call = per_call[(options.guidance > 1.0, True)]  # one exact call
     calls = {
         f"{'guided' if gd else 'conditional'}_{'full' if fl else 'cached'}": plan.count((gd, fl))
         for gd, fl in sorted(set(plan), reverse=True)
     }
 
-    chunk.compile(compile_mode)
+    chunk.compile(load.compile)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     den.stage_seconds = {}
@@ -295,19 +269,20 @@ def bench_model(
     tflops = flops_per_chunk * chunks / unet_s / 1e12 if unet_s else 0.0
     peak = matmul_peak_tflops(dev)
     return {
-        "preset": preset,
+        "preset": models.preset.name,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "dtype": dt,
+        "dtype": chunk.dtype,
         "torch": torch.__version__,
-        "mode": mode,
+        "mode": run.mode,
         "denoise": options.as_dict(),
         "exact": options.exact,
-        "fp8": fp8,
-        "compile": compile_mode,
-        "weights": "random" if random_weights or models.preset.random_weights else "official",
+        "fp8": models.fp8,
+        "compile": load.compile,
+        "temporal_attention": temporal_attention,
+        "weights": "random" if models.random_weights else "official",
         "frames_per_chunk": frames,
-        "steps": steps,
-        "guidance": guidance,
+        "steps": options.steps,
+        "guidance": options.guidance,
         "unet_calls_per_chunk": calls,
         "chunks_timed": chunks,
         "warmup_chunk_s": round(warmup_s, 3),
@@ -320,11 +295,15 @@ def bench_model(
         "unet_tflops": round(tflops, 2),
         "matmul_peak_tflops": round(peak, 1) if peak else None,
         "unet_share_of_peak": round(tflops / peak, 3) if peak else None,
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
-        if dev.type == "cuda"
-        else None,
+        "peak_gpu_gib": _peak_gib(dev),
         "gpu_busy_share": _rounded(busy.share),
     }
+
+
+def _peak_gib(dev: torch.device) -> float | None:
+    if dev.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
 
 
 def _device_index(dev: torch.device) -> int | None:
@@ -338,44 +317,17 @@ def _rounded(x: float | None, digits: int = 3) -> float | None:
 
 
 def bench_video(
-    video: str,
-    audio: str,
-    preset: str = "tiny",
-    device: str | None = None,
-    dtype: str | None = None,
-    compile_mode: str = "none",
-    random_weights: bool = False,
-    fp8: bool = False,
-    runs: int = 1,
-    **run_options,
+    video: str, audio: str, load: LoadOptions, options: RunOptions, runs: int = 1
 ) -> dict:
     """A real clip end to end (decode, faces, audio, denoise, restore, encode): one warm-up run
-    (compilation, face track into ``face_cache`` when given), then ``runs`` timed runs.
-    ``run_options``: :class:`lipsync.pipeline.RunOptions` fields (mode, steps, scheduler, ...).
-    Reports frames/s end to end, the pipeline's stage seconds, peak GPU memory and the GPU busy
-    share (NVML) of the timed runs."""
-    import tempfile
-    from pathlib import Path
-
-    from lipsync.accel.compile import compile_unet, compile_vae
-    from lipsync.models.bundle import load_models
-    from lipsync.pipeline import LipSyncPipeline, RunOptions
-
-    options = RunOptions(**{"seed": 1247, **run_options, "force": True})
+    (compilation, face track into ``options.face_cache`` when given), then ``runs`` timed
+    runs. Reports frames/s end to end, the pipeline's stage seconds, peak GPU memory and the
+    GPU busy share (NVML) of the timed runs."""
+    options = replace(options, force=True)
     options.validate()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    if fp8:
-        from lipsync.accel.fp8 import convert_unet_to_fp8, require_fp8_device
-
-        require_fp8_device(dev)
     t0 = time.perf_counter()
-    models = load_models(preset, device=dev, dtype=dt, random_weights=random_weights)
-    if fp8:
-        convert_unet_to_fp8(models.unet)
-    models.unet = compile_unet(models.unet, compile_mode)
-    if compile_mode != "none":
-        compile_vae(models.vae, "regional")
+    models = load_models(load)
+    dev = models.device
     pipe = LipSyncPipeline(models)
     load_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="lipsync-bench-") as tmp:
@@ -396,13 +348,13 @@ def bench_video(
     return {
         "video": str(video),
         "audio": str(audio),
-        "preset": preset,
+        "preset": models.preset.name,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "dtype": dt,
+        "dtype": dtype_name(models.dtype),
         "torch": torch.__version__,
-        "compile": compile_mode,
-        "fp8": fp8,
-        "weights": "random" if random_weights or models.preset.random_weights else "official",
+        "compile": load.compile,
+        "fp8": models.fp8,
+        "weights": "random" if models.random_weights else "official",
         "mode": options.mode,
         "denoise": options.denoise_options().as_dict(),
         "frames": report.frames,
@@ -413,9 +365,7 @@ def bench_video(
         "wall_s": round(wall, 3),
         "fps_end_to_end": round(report.frames / wall, 2),
         "stage_seconds": {k: round(v, 3) for k, v in report.seconds.items()},
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
-        if dev.type == "cuda"
-        else None,
+        "peak_gpu_gib": _peak_gib(dev),
         "gpu_busy_share": _rounded(busy.share),
         "gpu_busy_source": busy.source,
     }

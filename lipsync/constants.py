@@ -1,0 +1,45 @@
+"""Numbers and option names the whole package agrees on (one place; imported, never re-typed).
+
+The option types are ``Literal`` types: a type checker sees a misspelt option in code, and
+:func:`lipsync.errors.check_choice` refuses a misspelt one from a user (CLI flag, API keyword,
+environment variable) with one line naming the choices, which come from the same ``Literal``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# -- the timeline every run works on ----------------------------------------------------------
+
+FPS = 25  # output (and model) frame rate; other rates are resampled like ffmpeg's fps filter
+SAMPLE_RATE = 16000  # audio sample rate of the Whisper features (mono float32)
+
+# -- the model's chunk --------------------------------------------------------------------------
+
+CHUNK_FRAMES = 16  # frames per U-Net chunk (the reference's num_frames)
+MAX_CHUNK_FRAMES = 24  # the motion modules' position table has 24 entries
+AUDIO_TOKENS = 50  # per-frame audio window: 10 feature positions × 5 Whisper layers
+AUDIO_CHANNELS = 384  # Whisper-tiny's width
+
+# -- run defaults (the reference's) ---------------------------------------------------------------
+
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 1.5
+DEFAULT_SEED = 1247
+DEFAULT_MIN_FACE_SIZE = 64  # pixels, short side of the face box; smaller faces are left alone
+
+# -- option names ---------------------------------------------------------------------------------
+
+DType = Literal["fp32", "fp16", "bf16"]
+CompileMode = Literal["none", "regional", "full", "full-cudagraphs"]
+Mode = Literal["exact", "fast"]
+SchedulerName = Literal["ddim", "dpm++"]
+DetectorName = Literal["mediapipe", "insightface"]
+TemporalAttentionKind = Literal["matmul", "sdpa"]
+
+DTYPES: tuple[DType, ...] = get_args(DType)
+COMPILE_MODES: tuple[CompileMode, ...] = get_args(CompileMode)
+MODE_NAMES: tuple[Mode, ...] = get_args(Mode)
+SCHEDULERS: tuple[SchedulerName, ...] = get_args(SchedulerName)
+DETECTORS: tuple[DetectorName, ...] = get_args(DetectorName)
+TEMPORAL_ATTENTION_KINDS: tuple[TemporalAttentionKind, ...] = get_args(TemporalAttentionKind)

@@ -1,0 +1,174 @@
+"""Load a preset's models: one function (:func:`load_models`), one options type
+(:class:`~lipsync.config.LoadOptions`), one default policy.
+
+Every caller loads through here: ``lipsync run``, ``app``, ``bench``, ``profile`` and ``check``,
+:meth:`lipsync.api.LipSync.from_pretrained`, the job-service workers (``--runner engine``), the
+Triton server and the benchmarks.
+
+Default policy (a ``None`` option):
+
+* **device**: ``cuda`` when torch sees a GPU, else ``cpu``. Asking for ``cuda`` without one is
+  a :class:`~lipsync.errors.ConfigError`.
+* **dtype** of the U-Net and VAE: ``fp16`` on CUDA (the reference's inference dtype), ``fp32``
+  on the CPU (half precision on a CPU is slow and inexact). The Whisper encoder always runs in
+  fp32.
+* **CPU threads** (models on the CPU): all cores but one, which is left to the decoder and
+  encoder threads that run beside the model. A server without media threads (Triton) passes
+  ``cpu_threads=os.cpu_count()``.
+* **compile** ``none``; **fp8** off; checkpoints from ``$LIPSYNC_HOME`` (``~/.cache/lipsync``).
+
+``fp8`` converts the U-Net's big linear layers (:mod:`lipsync.accel.fp8`; needs a CUDA GPU of
+compute capability ≥ 8.9 and a bf16/fp16 model, checked before the minutes of loading);
+``compile`` compiles the U-Net in that mode and the VAE's encoder and decoder regionally
+(:mod:`lipsync.accel.compile`), after the FP8 conversion.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from lipsync.accel import compile as accel_compile
+from lipsync.accel.fp8 import convert_unet_to_fp8, has_fp8, require_fp8_device
+from lipsync.audio import AudioEncoder
+from lipsync.checkpoints import load_unet, load_vae, read_whisper_checkpoint, require_checkpoints
+from lipsync.config import LoadOptions, Preset
+from lipsync.constants import DTYPES, CompileMode, DType
+from lipsync.errors import ConfigError, check_choice
+from lipsync.models.unet import UNet3D, random_unet
+from lipsync.models.vae import SD_VAE_FT_MSE_CONFIG, TINY_VAE_CONFIG, Vae, random_vae
+from lipsync.models.whisper import random_whisper_encoder
+
+__all__ = [
+    "TORCH_DTYPES",
+    "LoadOptions",
+    "ModelBundle",
+    "compile_models",
+    "default_cpu_threads",
+    "dtype_name",
+    "load_models",
+    "parse_dtype",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+TORCH_DTYPES: dict[DType, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"fp16"`` (any case) or a torch dtype -> the torch dtype; ConfigError otherwise."""
+    if isinstance(name, torch.dtype):
+        return name
+    return TORCH_DTYPES[check_choice("dtype", str(name).lower(), DTYPES)]
+
+
+def dtype_name(dtype: str | torch.dtype | None) -> DType | None:
+    """The option name (``"fp16"``…) of a dtype given as a name or a torch dtype."""
+    if dtype is None:
+        return None
+    wanted = parse_dtype(dtype)
+    return next(name for name, value in TORCH_DTYPES.items() if value == wanted)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The policy's device: ``device`` if given (CUDA must be there), else CUDA when present."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA GPU is available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The policy's dtype: ``dtype`` if given, else fp16 on CUDA and fp32 on the CPU."""
+    if dtype is not None:
+        return parse_dtype(dtype)
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def default_cpu_threads() -> int:
+    """All cores but one (at least one)."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+@dataclass
+class ModelBundle:
+    """Everything a preset runs: U-Net and VAE (in ``dtype``), the Whisper encoder, where."""
+
+    preset: Preset
+    unet: UNet3D
+    vae: Vae
+    audio: AudioEncoder
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+    options: LoadOptions | None = None  # what it was loaded with
+
+    @property
+    def random_weights(self) -> bool:
+        return self.preset.random_weights or bool(self.options and self.options.random_weights)
+
+    @property
+    def fp8(self) -> bool:
+        """The U-Net's big linear layers run in FP8."""
+        return has_fp8(self.unet)
+
+
+def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> ModelBundle:
+    """Load the models ``options`` name, following the module's default policy.
+
+    ``options``: a :class:`LoadOptions`, or a preset (name or :class:`Preset`) with the other
+    :class:`LoadOptions` fields as keywords: ``load_models("tiny")``,
+    ``load_models("v1.6", dtype="bf16", compile="regional")``.
+    """
+    if not isinstance(options, LoadOptions):
+        options = LoadOptions(preset=options)
+    if "dtype" in fields:
+        fields["dtype"] = dtype_name(fields["dtype"])
+    if "device" in fields and fields["device"] is not None:
+        fields["device"] = str(fields["device"])
+    options = replace(options, **fields)
+    options.validate()
+    preset = options.resolve_preset()
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    if device.type == "cpu":
+        torch.set_num_threads(options.cpu_threads or default_cpu_threads())
+    if options.fp8:  # before the minutes of loading
+        require_fp8_device(device)
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ConfigError("--fp8 needs --dtype bf16 or fp16")
+    start = time.perf_counter()
+    if preset.random_weights or options.random_weights:
+        vae_config = TINY_VAE_CONFIG if preset.random_weights else SD_VAE_FT_MSE_CONFIG
+        unet = random_unet(preset.unet_config, seed=0, device=device, dtype=dtype)
+        vae = random_vae(vae_config, seed=0, device=device, dtype=dtype)
+        audio = AudioEncoder(random_whisper_encoder(seed=0), device=device)
+    else:
+        paths = require_checkpoints(preset, options.root)
+        unet = load_unet(paths["unet"], preset.unet_config, device=device, dtype=dtype)
+        vae = load_vae(paths["vae"], device=device, dtype=dtype)
+        audio = AudioEncoder(read_whisper_checkpoint(paths["whisper"]), device=device)
+    seconds = time.perf_counter() - start
+    bundle = ModelBundle(preset, unet, vae, audio, device, dtype, seconds, options)
+    if options.fp8:
+        convert_unet_to_fp8(bundle.unet)
+    compile_models(bundle, options.compile)
+    return bundle
+
+
+def compile_models(bundle: ModelBundle, mode: CompileMode) -> None:
+    """Compile ``bundle``'s U-Net in ``mode`` (``bundle.unet`` becomes what
+    :func:`~lipsync.accel.compile.compile_unet` returns) and, unless ``mode`` is ``none``, the
+    VAE's encoder and decoder regionally. Compilation itself happens at the first call."""
+    bundle.unet = accel_compile.compile_unet(bundle.unet, mode)
+    if mode != "none":
+        accel_compile.compile_vae(bundle.vae, "regional")

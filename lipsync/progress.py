@@ -1,0 +1,71 @@
+"""Progress of a run, stage by stage: the hooks the pipeline calls, and one weighted fraction.
+
+The pipeline reports three stages, in order: ``faces`` (pass 1, frames tracked), ``denoising``
+(pass 2, frames synthesised and handed to the encoder) and ``encoding`` (the encoder finishing).
+A front door shows them its own way: the CLI draws a bar per stage, the web UI and the job
+service one overall fraction (:func:`weighted_fraction`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# Share of one overall progress bar per stage (pass 2 is where the time goes).
+STAGE_WEIGHTS = {"faces": 0.1, "denoising": 0.85, "encoding": 0.05}
+
+
+def weighted_fraction(totals: Mapping[str, int], done: Mapping[str, int]) -> float:
+    """Overall progress in [0, 1] from per-stage ``done`` / ``totals`` (stages started so far):
+    :data:`STAGE_WEIGHTS` for the pipeline's stages; other stages (a runner with its own)
+    share equally what is left."""
+    total = 0.0
+    for stage, weight in STAGE_WEIGHTS.items():
+        if stage in totals:
+            total += weight * min(1.0, done.get(stage, 0) / totals[stage])
+    others = [s for s in totals if s not in STAGE_WEIGHTS]
+    for stage in others:
+        total += min(1.0, done.get(stage, 0) / totals[stage]) / len(others)
+    return min(total, 1.0)
+
+
+class Progress:
+    """Progress sink: the CLI draws bars, the web UI a bar, the API nothing (this base class)."""
+
+    def start(self, stage: str, total: int) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def advance(self, stage: str, n: int = 1) -> None:  # noqa: B027
+        pass
+
+    def finish(self, stage: str) -> None:  # noqa: B027
+        pass
+
+
+class StageProgress(Progress):
+    """Counts what is done of each stage; :meth:`fraction` is the weighted overall progress.
+    Subclasses react in :meth:`changed` (called after every update)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+        self.stage = "starting"
+
+    def start(self, stage: str, total: int) -> None:
+        self.stage = stage
+        self.totals[stage] = max(1, int(total))
+        self.done[stage] = 0
+        self.changed(stage)
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        self.done[stage] = self.done.get(stage, 0) + n
+        self.changed(stage)
+
+    def finish(self, stage: str) -> None:
+        self.done[stage] = self.totals.get(stage, 1)
+        self.changed(stage)
+
+    def fraction(self) -> float:
+        return weighted_fraction(self.totals, self.done)
+
+    def changed(self, stage: str) -> None:  # noqa: B027 - optional hook
+        """Called after each update of ``stage``."""

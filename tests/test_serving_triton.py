@@ -1,5 +1,5 @@
 """The model on a real Triton server (PyTriton, CPU, ``tiny`` preset): ``lipsync serve triton``
-and :class:`lipsync.serving.triton_client.TritonEngine` (docs/TRITON.md).
+and :class:`lipsync.serving.triton.client.TritonEngine` (docs/TRITON.md).
 
 A module fixture starts the server in this process (free ports, dynamic batching with a 100 ms
 queue delay so concurrent requests meet in one batch); one test starts ``lipsync serve triton``
@@ -27,23 +27,24 @@ from serving_fixtures import free_ports
 
 pytest.importorskip("pytriton", reason="the serve extra is not installed")
 
+from lipsync.config import LoadOptions  # noqa: E402
 from lipsync.diffusion import DenoiseOptions  # noqa: E402
 from lipsync.engine import LocalEngine  # noqa: E402
 from lipsync.face.align import crops_to_model_input  # noqa: E402
 from lipsync.face.mask import make_mask  # noqa: E402
 from lipsync.loading import load_models  # noqa: E402
 from lipsync.media import read_frames  # noqa: E402
-from lipsync.serving.triton_client import (  # noqa: E402
+from lipsync.serving.triton.backend_env import python_backend_env  # noqa: E402
+from lipsync.serving.triton.client import (  # noqa: E402
     TritonEngine,
     TritonError,
     TritonUnavailableError,
     make_triton_runner,
     parse_url,
 )
-from lipsync.serving.triton_server import (  # noqa: E402
+from lipsync.serving.triton.server import (  # noqa: E402
     ModelHost,
     ServerOptions,
-    python_backend_env,
     start_server,
 )
 
@@ -60,7 +61,8 @@ def bundle():
 def server(bundle):
     http, grpc, metrics = free_ports(3)
     options = ServerOptions(
-        preset="tiny", device="cpu", http_port=http, grpc_port=grpc, metrics_port=metrics,
+        load=LoadOptions(preset="tiny", device="cpu"), http_port=http, grpc_port=grpc,
+        metrics_port=metrics,
         max_batch_size=4, queue_delay_us=100_000, access_token=TOKEN,
     )  # fmt: skip
     t = time.perf_counter()
@@ -211,7 +213,8 @@ def test_two_instances_run_requests_side_by_side(bundle, local):
     in-process one bit for bit (the instances share one ModelHost and its denoisers)."""
     http, grpc, metrics = free_ports(3)
     options = ServerOptions(
-        preset="tiny", device="cpu", http_port=http, grpc_port=grpc, metrics_port=metrics,
+        load=LoadOptions(preset="tiny", device="cpu"), http_port=http, grpc_port=grpc,
+        metrics_port=metrics,
         max_batch_size=1, queue_delay_us=0, instances=2,
     )  # fmt: skip
     service = start_server(options, ModelHost(bundle))

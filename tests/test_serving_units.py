@@ -92,7 +92,7 @@ def test_retry_decisions():
 
 def test_triton_errors_are_retried_not_the_users_fault():
     pytest.importorskip("tritonclient", reason="the serve extra is not installed")
-    from lipsync.serving.triton_client import TritonError, TritonUnavailableError
+    from lipsync.serving.triton.client import TritonError, TritonUnavailableError
 
     s = ServeSettings(retry_backoff_s=2)
     down = TritonUnavailableError("Triton server at grpc://t:8001 is unreachable (…)")

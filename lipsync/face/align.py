@@ -64,6 +64,7 @@ __all__ = [
     "estimate_transforms",
     "face_template",
     "invert_transforms",
+    "levels_to_unit_table",
     "restore",
     "warp_faces",
 ]
@@ -438,14 +439,15 @@ def crops_to_model_input(crops, resolution: int) -> torch.Tensor:
     if t.ndim != 4 or t.shape[-1] != 3 or t.dtype != torch.uint8:
         raise ValueError(f"crops must be (N, h, w, 3) uint8, got {tuple(t.shape)} {t.dtype}")
     levels = _resize_lanczos4_u8(t, (resolution, resolution)).to(torch.int64)
-    # The 256 possible values, computed on the CPU as the reference does: a CUDA division by a
-    # scalar multiplies by its reciprocal, which can differ in the last bit.
-    lut = device_constant(
-        ("u8_to_unit",),
-        levels.device,
-        lambda: (torch.arange(256, dtype=torch.float32) / 255.0 - 0.5) / 0.5,
-    )
-    return lut[levels]
+    return device_constant(("u8_to_unit",), levels.device, levels_to_unit_table)[levels]
+
+
+def levels_to_unit_table() -> torch.Tensor:
+    """(256,) float32 on the CPU: 8-bit level -> model input in [-1, 1], ``(x / 255 - 0.5) / 0.5``
+    as the reference computes it. Computed on the CPU: a CUDA division by a scalar multiplies by
+    its reciprocal, which can differ in the last bit. :func:`crops_to_model_input` maps its
+    levels through it; the Triton protocol sends faces as these levels."""
+    return (torch.arange(256, dtype=torch.float32) / 255.0 - 0.5) / 0.5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,13 +216,16 @@ def triton(
 ) -> None:
     """Serve the model on Triton Inference Server (PyTriton): audio_features + lipsync
     (docs/TRITON.md). Shared memory needs LIPSYNC_TRITON_ACCESS_TOKEN on both sides."""
-    from lipsync.serving.triton_server import ServerOptions, serve
+    from lipsync.config import LoadOptions
+    from lipsync.serving.triton.server import ServerOptions, serve
 
+    load = LoadOptions(
+        preset=preset, device=device, dtype=dtype, checkpoint_dir=dir, cpu_threads=cpu_threads,
+        compile=compile, fp8=fp8, random_weights=random_weights,
+    )  # fmt: skip
     options = ServerOptions(
-        preset=preset, device=device, dtype=dtype, checkpoint_dir=str(dir) if dir else None,
-        compile=compile, fp8=fp8, address=address, http_port=http_port, grpc_port=grpc_port,
+        load=load, address=address, http_port=http_port, grpc_port=grpc_port,
         metrics_port=metrics_port, instances=instances, max_batch_size=max_batch_size,
-        queue_delay_us=queue_delay_us, audio_instances=audio_instances, cpu_threads=cpu_threads,
-        log_verbose=log_verbose, random_weights=random_weights,
+        queue_delay_us=queue_delay_us, audio_instances=audio_instances, log_verbose=log_verbose,
     )  # fmt: skip
     serve(options)

@@ -1,6 +1,6 @@
 """Run the pipeline with the model on a Triton server (``lipsync serve triton``).
 
-    >>> from lipsync.serving.triton_client import TritonEngine, make_triton_runner
+    >>> from lipsync.serving.triton.client import TritonEngine, make_triton_runner
     >>> runner = make_triton_runner("grpc://gpu-host:8001")        # a LipSync over Triton
     >>> report = runner.run("talk.mp4", "speech.wav", "synced.mp4", steps=20, seed=1)
     >>> runner.close()
@@ -34,40 +34,43 @@ import math
 import os
 import threading
 import time
-import uuid
-import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lipsync.api import LipSync
-from lipsync.audio import WindowedFeatures, _as_waveform
-from lipsync.diffusion import MAX_FRAMES, DenoiseOptions
-from lipsync.errors import ConfigError, LipSyncError, one_line
-from lipsync.serving.triton_server import (
-    ACCESS_TOKEN_ENV,
-    AUDIO_CHANNELS,
-    AUDIO_MODEL,
-    AUDIO_TOKENS,
-    AUDIO_WINDOW_FRAMES,
-    LIPSYNC_MODEL,
+from lipsync.audio import (
+    ENCODER_WINDOW_FRAMES,
     N_MELS,
-    PARAM_PREFIX,
-    audio_windows,
+    WindowedFeatures,
+    as_waveform,
     clip_log_mel_max,
-    faces_to_levels,
-    options_to_json,
+    encoder_windows,
     stft_segment,
 )
+from lipsync.diffusion import MAX_FRAMES, DenoiseOptions
+from lipsync.errors import ConfigError, LipSyncError, one_line
+from lipsync.serving.triton.protocol import (
+    ACCESS_HEADER,
+    ACCESS_TOKEN_ENV,
+    AUDIO_MODEL,
+    LIPSYNC_MODEL,
+    NP_OF_TORCH,
+    NP_OF_TRITON,
+    TRITON_OF_NP,
+    ChunkRequest,
+    check_chunk,
+    faces_to_levels,
+    read_parameters,
+    triton_dtype,
+)
+from lipsync.serving.triton.shm import SharedMemoryPool, aligned
 
 LOG = logging.getLogger("lipsync.triton")
 
 PROTOCOLS = ("grpc", "http")
 SHARED_MEMORY_MODES = ("auto", "system", "cuda", "none")
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
-ACCESS_HEADER = "triton-access-token"
-_ALIGN = 64  # byte alignment of tensors inside a shared-memory region
 
 
 class TritonError(LipSyncError):
@@ -115,205 +118,6 @@ def parse_url(url: str, protocol: str | None = None) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
-# shared-memory regions
-
-
-@dataclass
-class _Region:
-    name: str  # the name the server knows it by
-    key: str  # the /dev/shm key (system) or "" (cuda)
-    size: int
-    handle: object
-
-
-@dataclass
-class _Slot:
-    """The regions of one call in flight: inputs and outputs."""
-
-    inputs: _Region | None = None
-    outputs: _Region | None = None
-    generation: int = 0  # the pool's generation when these regions were registered
-
-
-def _aligned(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-class _SharedMemory:
-    """A pool of region pairs (one per concurrent call), registered with the server."""
-
-    def __init__(self, engine: TritonEngine, kind: str):
-        self.engine = engine
-        self.kind = kind  # "system" or "cuda"
-        self.prefix = f"lipsync_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-        self._free: list[_Slot] = []
-        self._all: list[_Slot] = []
-        self._lock = threading.Lock()
-        self._count = 0
-        # bumped when the server may have forgotten our registrations (it was unreachable, or
-        # it answered "Unable to find shared memory region": a restarted server); slots of an
-        # older generation register fresh regions at their next use
-        self.generation = 0
-        self.headers = engine._restricted_headers()
-        if kind == "system":
-            with warnings.catch_warnings():  # tritonclient 2.51 imports pkg_resources
-                warnings.simplefilter("ignore")
-                import tritonclient.utils.shared_memory as shm
-
-            self.lib = shm
-        else:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    import tritonclient.utils.cuda_shared_memory as cudashm
-            except (ImportError, RuntimeError) as exc:
-                raise ConfigError(
-                    f"CUDA shared memory needs cuda-python: {one_line(exc)}"
-                ) from None
-            self.lib = cudashm
-            self.device_id = (engine.device.index or 0) if engine.device.type == "cuda" else 0
-
-    # regions -------------------------------------------------------------------------------
-
-    def _create(self, size: int) -> _Region:
-        with self._lock:
-            self._count += 1
-            name = f"{self.prefix}_{self._count}"
-        client = self.engine._client()
-        if self.kind == "system":
-            key = "/" + name
-            handle = self.lib.create_shared_memory_region(name, key, size)
-            try:
-                client.register_system_shared_memory(name, key, size, headers=self.headers)
-            except BaseException:
-                self.lib.destroy_shared_memory_region(handle)
-                raise
-            return _Region(name, key, size, handle)
-        handle = self.lib.create_shared_memory_region(name, size, self.device_id)
-        try:
-            raw = self.lib.get_raw_handle(handle)
-            client.register_cuda_shared_memory(
-                name, raw, self.device_id, size, headers=self.headers
-            )
-        except BaseException:
-            self.lib.destroy_shared_memory_region(handle)
-            raise
-        return _Region(name, "", size, handle)
-
-    def _destroy(self, region: _Region | None) -> None:
-        if region is None:
-            return
-        try:
-            client = self.engine._client()
-            if self.kind == "system":
-                client.unregister_system_shared_memory(region.name, headers=self.headers)
-            else:
-                client.unregister_cuda_shared_memory(region.name, headers=self.headers)
-        except Exception as exc:  # the server may be gone: still free our side
-            LOG.debug("unregistering %s: %s", region.name, one_line(exc))
-        try:
-            self.lib.destroy_shared_memory_region(region.handle)
-        except Exception as exc:
-            LOG.warning("cannot free shared memory region %s: %s", region.name, one_line(exc))
-
-    def probe(self) -> None:
-        """Create, register and drop a small region: fails unless the server shares our memory."""
-        region = self._create(4096)
-        self._destroy(region)
-
-    def invalidate(self) -> None:
-        """The server may have lost our regions (restarted): register new ones before use."""
-        with self._lock:
-            self.generation += 1
-
-    def acquire(self, in_bytes: int, out_bytes: int) -> _Slot:
-        with self._lock:
-            slot = self._free.pop() if self._free else None
-            if slot is None:
-                slot = _Slot(generation=self.generation)
-                self._all.append(slot)
-            generation = self.generation
-        try:
-            if slot.generation != generation:  # unregister (if still known) and start afresh
-                self._destroy(slot.inputs)
-                self._destroy(slot.outputs)
-                slot.inputs = slot.outputs = None
-                slot.generation = generation
-            if slot.inputs is None or slot.inputs.size < in_bytes:
-                self._destroy(slot.inputs)
-                slot.inputs = None
-                slot.inputs = self._create(in_bytes)
-            if slot.outputs is None or slot.outputs.size < out_bytes:
-                self._destroy(slot.outputs)
-                slot.outputs = None
-                slot.outputs = self._create(out_bytes)
-        except BaseException:
-            self.release(slot)
-            raise
-        return slot
-
-    def release(self, slot: _Slot) -> None:
-        with self._lock:
-            self._free.append(slot)
-
-    def close(self) -> None:
-        with self._lock:
-            slots, self._all, self._free = self._all, [], []
-        for slot in slots:
-            self._destroy(slot.inputs)
-            self._destroy(slot.outputs)
-            slot.inputs = slot.outputs = None
-
-    @property
-    def region_names(self) -> list[str]:
-        with self._lock:
-            return [r.name for s in self._all for r in (s.inputs, s.outputs) if r is not None]
-
-    # tensors ----------------------------------------------------------------------------------
-
-    def write(self, region: _Region, tensors: list[torch.Tensor]) -> list[int]:
-        """Copy ``tensors`` into ``region``; their byte offsets there."""
-        if self.kind == "system":  # 64-byte aligned, written through numpy views of the map
-            offsets, pos = [], 0
-            for t in tensors:
-                offsets.append(pos)
-                pos = _aligned(pos + t.numel() * t.element_size())
-            for t, off in zip(tensors, offsets, strict=True):
-                view = self.lib.get_contents_as_numpy(
-                    region.handle, _NP_OF_TORCH[t.dtype], list(t.shape), offset=off
-                )
-                torch.from_numpy(view).copy_(t)
-            return offsets
-        # pragma: no cover - CUDA IPC needs a GPU server: tensors packed back to back (DLPack
-        # copies, device to device for CUDA tensors)
-        offsets = np.cumsum([0] + [t.numel() * t.element_size() for t in tensors])[:-1]
-        self.lib.set_shared_memory_region_from_dlpack(
-            region.handle, [t.contiguous() for t in tensors]
-        )
-        return [int(o) for o in offsets]
-
-    def read(self, region: _Region, np_dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """A copy of the output tensor at the start of ``region``."""
-        if self.kind == "system":
-            view = self.lib.get_contents_as_numpy(region.handle, np_dtype, list(shape))
-            return torch.from_numpy(np.array(view, copy=True))
-        # pragma: no cover - CUDA: stays on the GPU (DLPack view, then a copy)
-        name = _TRITON_OF_NP[np.dtype(np_dtype).type]
-        view = torch.from_dlpack(self.lib.as_shared_memory_tensor(region.handle, name, list(shape)))
-        return view.clone()
-
-
-_NP_OF_TORCH = {
-    torch.uint8: np.uint8,
-    torch.float16: np.float16,
-    torch.float32: np.float32,
-}
-_TRITON_OF_NP = {np.uint8: "UINT8", np.float16: "FP16", np.float32: "FP32"}
-_NP_OF_TRITON = {"TYPE_FP16": np.float16, "TYPE_FP32": np.float32, "FP16": np.float16,
-                 "FP32": np.float32}  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------
 # the engine
 
 
@@ -355,7 +159,7 @@ class TritonEngine:
         self._local = threading.local()
         self._clients: list = []
         self._clients_lock = threading.Lock()
-        self._shm: _SharedMemory | None = None
+        self._shm: SharedMemoryPool | None = None
         self._closed = False
         self._read_server()
         self.shared_memory = self._setup_shared_memory(shared_memory)
@@ -547,10 +351,7 @@ class TritonEngine:
                 f"model {LIPSYNC_MODEL!r} on Triton server at {self.protocol}://{self.url} is "
                 f"not ready"
             )
-        params = {
-            k.removeprefix(PARAM_PREFIX): (v.get("string_value") if isinstance(v, dict) else v)
-            for k, v in (cfg.get("parameters") or {}).items()
-        }
+        params = read_parameters(cfg)
         faces_dims = next(i["dims"] for i in cfg["input"] if i["name"] == "faces")
         output = next(o for o in cfg["output"] if o["name"] == "faces_out")
         self.resolution = int(params.get("resolution") or faces_dims[-1])
@@ -561,7 +362,7 @@ class TritonEngine:
         self.server_device = params.get("device") or "unknown"
         self.fp8 = params.get("fp8") == "true"  # the pipeline's report reads engine.fp8
         self.max_batch_size = int(cfg.get("max_batch_size") or 0)
-        self._out_dtype = _NP_OF_TRITON[output["data_type"]]
+        self.output_dtype = NP_OF_TRITON[output["data_type"]]  # of faces_out
         self._read_audio_model()
 
     def _read_audio_model(self) -> None:
@@ -570,14 +371,11 @@ class TritonEngine:
         audio = self._model_config(AUDIO_MODEL)
         self.has_audio = audio is not None
         if audio is not None:
-            a_params = {
-                k.removeprefix(PARAM_PREFIX): (v.get("string_value") if isinstance(v, dict) else v)
-                for k, v in (audio.get("parameters") or {}).items()
-            }
+            a_params = read_parameters(audio)
             dims = audio["output"][0]["dims"]
             self.audio_layers, self.audio_channels = int(dims[-2]), int(dims[-1])
             self.audio_window_frames = int(
-                a_params.get("audio_window_frames") or AUDIO_WINDOW_FRAMES
+                a_params.get("audio_window_frames") or ENCODER_WINDOW_FRAMES
             )
             self.n_mels = int(a_params.get("n_mels") or N_MELS)
 
@@ -586,7 +384,8 @@ class TritonEngine:
             return "none"
         kind = "cuda" if mode == "cuda" else "system"
         try:
-            shm = _SharedMemory(self, kind)
+            device_id = (self.device.index or 0) if self.device.type == "cuda" else 0
+            shm = SharedMemoryPool(self._client, kind, self._restricted_headers(), device_id)
             shm.probe()
         except Exception as exc:
             if mode == "auto":
@@ -659,16 +458,7 @@ class TritonEngine:
         """faces (k, 3, r, r) in [-1, 1] (8-bit levels, as the pipeline makes them); windows
         (k, 50, 384); mask (r, r), 1 = keep -> (k, 3, r, r) float32 on ``self.device``."""
         options.validate()
-        r = self.resolution
-        k = faces.shape[0]
-        if tuple(faces.shape) != (k, 3, r, r) or not 1 <= k <= MAX_FRAMES:
-            raise ValueError(
-                f"faces must be (1..{MAX_FRAMES}, 3, {r}, {r}), got {tuple(faces.shape)}"
-            )
-        if tuple(windows.shape) != (k, AUDIO_TOKENS, AUDIO_CHANNELS):
-            raise ValueError(f"windows must be ({k}, 50, 384), got {tuple(windows.shape)}")
-        if tuple(mask.shape) != (r, r):
-            raise ValueError(f"mask must be ({r}, {r}), got {tuple(mask.shape)}")
+        check_chunk(faces, windows, mask, self.resolution, MAX_FRAMES)
         levels = faces_to_levels(faces)
         if levels is None:
             raise ValueError(
@@ -676,17 +466,7 @@ class TritonEngine:
                 "lipsync.face.align.crops_to_model_input makes); these faces are not 8-bit levels"
             )
         mask32 = torch.as_tensor(mask).detach().to(torch.float32)
-        tensors = {
-            "faces": levels[None],
-            "windows": windows.detach().to(torch.float32)[None],
-            "mask": mask32[None],
-        }
-        params = {
-            "seed": np.array([[int(seed)]], dtype=np.int64),
-            "chunk_index": np.array([[int(chunk_index)]], dtype=np.int64),
-            "options": np.array([[options_to_json(options)]], dtype=np.object_),
-        }
-        out = self._infer_lipsync(tensors, params, (1, k, 3, r, r))[0]
+        out = self.infer(ChunkRequest(levels, windows, mask32, seed, chunk_index, options))[0]
         out = out.to(self.device, torch.float32)
         keep = mask32.to(self.device) == 1
         # kept pixels are the input faces; taking ours makes them exact even with FP16 outputs
@@ -694,7 +474,10 @@ class TritonEngine:
 
     # -- transport ------------------------------------------------------------------------------
 
-    def _infer_lipsync(self, tensors: dict, params: dict, out_shape) -> torch.Tensor:
+    def infer(self, request: ChunkRequest) -> torch.Tensor:
+        """One ``lipsync`` call: the synced faces (1, k, 3, r, r) as the server sent them
+        (``output_dtype``). Registers fresh shared-memory regions once if the server lost ours."""
+        tensors, params, out_shape = request.tensors(), request.scalars(), request.output_shape()
         try:
             return self._infer_lipsync_once(tensors, params, out_shape)
         except TritonError as exc:
@@ -709,13 +492,13 @@ class TritonEngine:
     def _infer_lipsync_once(self, tensors: dict, params: dict, out_shape) -> torch.Tensor:
         tc = self._module()
         client = self._client()
-        out_bytes = math.prod(out_shape) * np.dtype(self._out_dtype).itemsize
+        out_bytes = math.prod(out_shape) * np.dtype(self.output_dtype).itemsize
         slot = None
         try:
             inputs = []
             output = tc.InferRequestedOutput("faces_out")
             if self._shm is not None:
-                in_bytes = sum(_aligned(t.numel() * t.element_size()) for t in tensors.values())
+                in_bytes = sum(aligned(t.numel() * t.element_size()) for t in tensors.values())
                 slot = self._shm.acquire(in_bytes, out_bytes)
                 src = [
                     t if self.shared_memory == "cuda" else t.to("cpu", non_blocking=False)
@@ -723,19 +506,18 @@ class TritonEngine:
                 ]
                 offsets = self._shm.write(slot.inputs, [t.contiguous() for t in src])
                 for (name, t), off in zip(tensors.items(), offsets, strict=True):
-                    inp = tc.InferInput(name, list(t.shape), _TRITON_OF_NP[_NP_OF_TORCH[t.dtype]])
+                    inp = tc.InferInput(name, list(t.shape), TRITON_OF_NP[NP_OF_TORCH[t.dtype]])
                     inp.set_shared_memory(slot.inputs.name, t.numel() * t.element_size(), off)
                     inputs.append(inp)
                 output.set_shared_memory(slot.outputs.name, out_bytes)
             else:
                 for name, t in tensors.items():
                     arr = t.detach().cpu().contiguous().numpy()
-                    inp = tc.InferInput(name, list(arr.shape), _TRITON_OF_NP[arr.dtype.type])
+                    inp = tc.InferInput(name, list(arr.shape), TRITON_OF_NP[arr.dtype.type])
                     inp.set_data_from_numpy(arr)
                     inputs.append(inp)
             for name, arr in params.items():
-                dtype = "BYTES" if arr.dtype == np.object_ else _triton_scalar_type(arr.dtype)
-                inp = tc.InferInput(name, list(arr.shape), dtype)
+                inp = tc.InferInput(name, list(arr.shape), triton_dtype(arr.dtype))
                 inp.set_data_from_numpy(arr)
                 inputs.append(inp)
             kwargs = {}
@@ -745,14 +527,15 @@ class TritonEngine:
                 "denoising a chunk", client.infer, LIPSYNC_MODEL, inputs, outputs=[output], **kwargs
             )
             if slot is not None:
-                return self._shm.read(slot.outputs, self._out_dtype, out_shape)
+                return self._shm.read(slot.outputs, self.output_dtype, out_shape)
             return torch.from_numpy(np.array(result.as_numpy("faces_out"), copy=True))
         finally:
             if slot is not None:
                 self._shm.release(slot)
 
     def audio_window(self, segment: torch.Tensor, log_max: float) -> torch.Tensor:
-        """One encoder window's features from its STFT segment (``audio_features`` model)."""
+        """One encoder window's features from its :func:`~lipsync.audio.stft_segment`
+        (``audio_features`` model)."""
         tc = self._module()
         client = self._client()
         seg = np.ascontiguousarray(segment.numpy(), dtype=np.float32)
@@ -776,10 +559,6 @@ def _lost_region(exc: BaseException) -> bool:
     return "shared memory region" in text and ("unable to find" in text or "not found" in text)
 
 
-def _triton_scalar_type(dtype: np.dtype) -> str:
-    return {"int64": "INT64", "int32": "INT32", "float32": "FP32", "bool": "BOOL"}[dtype.name]
-
-
 class RemoteFeatures(WindowedFeatures):
     """(T, 5, 384) Whisper features of a clip, computed on the server one 30 s encoder window at
     a time, when first indexed (the two most recent kept): what :class:`lipsync.audio.LazyFeatures`
@@ -792,8 +571,8 @@ class RemoteFeatures(WindowedFeatures):
 
     def __init__(self, engine: TritonEngine, waveform):
         self.engine = engine
-        self.wav = _as_waveform(waveform)
-        self.windows = audio_windows(self.wav.shape[0], engine.audio_window_frames)
+        self.wav = as_waveform(waveform)
+        self.windows = encoder_windows(self.wav.shape[0], engine.audio_window_frames)
         kept = [(f1 - f0) // 2 for f0, f1 in self.windows]
         super().__init__(kept, engine.audio_layers, engine.audio_channels)
         if len(self.windows) == 1:

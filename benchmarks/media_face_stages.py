@@ -3,7 +3,8 @@
   python benchmarks/media_face_stages.py media VIDEO   # decode, GPU align/restore, encode, pass 2
   python benchmarks/media_face_stages.py faces VIDEO   # FaceMesh landmarks (pass 1)
 
-Prints one JSON line per measurement (frames/s over the whole clip, wall clock).
+Prints one JSON line per measurement (frames/s over the whole clip, wall clock). Results:
+docs/PERFORMANCE.md ("Media and face stages").
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import sys
 import tempfile
 import time
 
+import common  # noqa: F401 - the repository on sys.path
 import numpy as np
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # eyebrow centres + nose centre of the demo's first frame (shared/reference/affine points3[0])
 POINTS3 = np.array([[557.0, 654.0], [656.0, 667.0], [598.0, 715.0]], dtype=np.float32)
@@ -36,8 +36,8 @@ def emit(name: str, frames: int, seconds: float, **extra) -> None:
 
 def media(video: str) -> None:
     from lipsync.face.align import crops_to_model_input, estimate_transforms, restore, warp_faces
-    from lipsync.frames import FileFrames
     from lipsync.media import VideoWriter, iter_frames, probe, read_frames
+    from lipsync.media.frames import FileFrames
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = probe(video)

@@ -34,22 +34,30 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common
+import torch
 
-import torch  # noqa: E402
+from lipsync.accel.compile import compile_unet
+from lipsync.accel.fp8 import convert_unet_to_fp8
+from lipsync.audio import frame_windows, load_audio
+from lipsync.config import LoadOptions
+from lipsync.constants import AUDIO_CHANNELS, AUDIO_TOKENS, FPS, SAMPLE_RATE
+from lipsync.diffusion import ChunkDenoiser, DenoiseOptions
+from lipsync.engine import chunk_generator, chunk_noise
+from lipsync.eval.image import psnr, ssim
+from lipsync.face.align import crops_to_model_input, warp_faces
+from lipsync.face.mask import make_mask
+from lipsync.loading import load_models, parse_dtype
+from lipsync.media import frames_for_audio, output_frame_indices, probe
+from lipsync.media.frames import FileFrames
+from lipsync.pipeline import LipSyncPipeline, RunOptions
+from lipsync.progress import Progress
+from lipsync.tools.bench import sync
 
-from lipsync.diffusion import ChunkDenoiser, DenoiseOptions  # noqa: E402
-from lipsync.engine import chunk_generator, chunk_noise  # noqa: E402
-from lipsync.eval.image import psnr, ssim  # noqa: E402
-from lipsync.face.mask import make_mask  # noqa: E402
-from lipsync.models.bundle import load_models, parse_dtype  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODES = "fast,cache3,cache2,cache3+branch1,guide0.5,dpm10,dpm10+fast"
 CAVEAT_RANDOM = (
     "random weights: the official checkpoints were not loaded, so these PSNR/SSIM values measure "
@@ -59,51 +67,20 @@ CAVEAT_RANDOM = (
 )
 
 
-def shared_media() -> Path:
-    env = os.environ.get("LIPSYNC_SHARED")
-    for base in ([Path(env)] if env else []) + [REPO.parent / "shared", REPO / "shared"]:
-        if (base / "media").is_dir():
-            return base / "media"
-    return REPO.parent / "shared" / "media"
-
-
-def parse_mode(spec: str, steps: int) -> dict:
-    """A mode spec (module docstring) -> keyword arguments of DenoiseOptions.for_mode."""
-    out: dict = {"mode": "exact", "steps": steps}
-    for part in spec.split("+"):
-        if part in ("exact", "fast"):
-            out["mode"] = part
-        elif part.startswith("cache"):
-            out["cache_interval"] = int(part[5:])
-        elif part.startswith("branch"):
-            out["cache_branch"] = int(part[6:])
-        elif part.startswith("guide"):
-            out["guidance_steps"] = float(part[5:])
-        elif part.startswith("dpm"):
-            out["scheduler"], out["steps"] = "dpm++", int(part[3:])
-        elif part.startswith("ddim"):
-            out["scheduler"], out["steps"] = "ddim", int(part[4:])
-        else:
-            raise SystemExit(f"unknown mode part {part!r} in {spec!r}")
-    return out
+shared_media = common.shared_media
+parse_mode = common.parse_mode
 
 
 def synthetic_inputs(n: int, res: int, device, seed: int):
     g = torch.Generator(device=device).manual_seed(seed)
     faces = torch.rand(n, 3, res, res, device=device, generator=g) * 2 - 1
-    audio = torch.randn(n, 50, 384, device=device, generator=g)
+    audio = torch.randn(n, AUDIO_TOKENS, AUDIO_CHANNELS, device=device, generator=g)
     return faces, audio
 
 
 def demo_inputs(models, video, audio_path, n: int, start: int, face_cache: str | None):
     """Aligned faces (n, 3, r, r) in [-1, 1] and Whisper windows (n, 50, 384) of output frames
     start..start+n-1, exactly as the pipeline builds them for its chunks."""
-    from lipsync.audio import frame_windows, load_audio
-    from lipsync.face.align import crops_to_model_input, warp_faces
-    from lipsync.frames import FileFrames
-    from lipsync.media import frames_for_audio, output_frame_indices, probe
-    from lipsync.pipeline import FPS, SAMPLE_RATE, LipSyncPipeline, Progress, RunOptions
-
     pipe = LipSyncPipeline(models)
     info = probe(video)
     wav = load_audio(audio_path)
@@ -128,11 +105,6 @@ def demo_inputs(models, video, audio_path, n: int, start: int, face_cache: str |
     features = models.audio.lazy_features(wav)
     windows = frame_windows(features, FPS, start=start, stop=start + n).float()
     return faces, windows.to(models.device)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_variant(unet, vae, mask, options, faces, audio, frames, seed, device, repeats):
@@ -209,17 +181,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
 
-    from lipsync.accel.compile import compile_unet
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtypes = [d for d in (args.dtypes or "bf16").split(",") if d]
     mode_dtype = args.mode_dtype or (dtypes[0] if dtypes else "fp32")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
 
-    models = load_models(args.preset, device=device, dtype="fp32",
-                         random_weights=args.random_weights)  # fmt: skip
+    load = LoadOptions(preset=args.preset, device=str(device), dtype="fp32",
+                       random_weights=args.random_weights)  # fmt: skip
+    models = load_models(load)
     res = models.preset.resolution
-    random_weights = args.random_weights or models.preset.random_weights
+    random_weights = models.random_weights
     n = args.frames * args.chunks
     if args.source == "demo":
         media = shared_media()
@@ -243,8 +214,6 @@ def main(argv: list[str] | None = None) -> dict:
             unet = copy.deepcopy(models.unet).to(dt)
             vae = copy.deepcopy(models.vae).to(dt)
             if fp8:
-                from lipsync.accel.fp8 import convert_unet_to_fp8
-
                 convert_unet_to_fp8(unet)
             unet = compile_unet(unet, args.compile)
             copies[key] = (unet, vae)

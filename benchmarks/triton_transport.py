@@ -24,21 +24,19 @@ Parts (``--parts``, all by default, in this order):
 Each server is this script run again as a subprocess (``--serve``) on free ports, stopped with
 SIGTERM at the end. ``--budget-s`` (default 270) skips what is left once it has run that long.
 
-    # on an H100 (about 3-4 minutes; the wheels: benchmarks/triton_wheels.py):
-    python benchmarks/triton_bench.py --preset v1.6 --device cuda --dtype fp16 \\
+    # on an H100 (about 3-4 minutes; the wheels: benchmarks/fetch_triton_wheels.py):
+    python benchmarks/triton_transport.py --preset v1.6 --device cuda --dtype fp16 \\
         [--stub-site /tmp/stub] --out triton.jsonl
     # smoke test on a CPU (about a minute):
-    python benchmarks/triton_bench.py --preset tiny --device cpu --frames 4 --repeats 3 \\
+    python benchmarks/triton_transport.py --preset tiny --device cpu --frames 4 --repeats 3 \\
         --model-repeats 1 --steps 2 --batch-steps 1 --clients 1,2 --chunks-per-client 1
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,11 +46,19 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import common
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from lipsync.config import LoadOptions
+from lipsync.diffusion import DenoiseOptions
+from lipsync.engine import LocalEngine
+from lipsync.face.align import levels_to_unit_table
+from lipsync.face.mask import make_mask
+from lipsync.loading import dtype_name, resolve_device, resolve_dtype
+from lipsync.serving.triton.client import TritonEngine
+from lipsync.serving.triton.protocol import ChunkRequest
+from lipsync.serving.triton.server import ChunkHost, ServerOptions, load_bundle, serve
 
 TOKEN = "lipsync-bench-token"
 T0 = time.monotonic()
@@ -61,12 +67,7 @@ COMMON: dict = {}
 
 
 def emit(record: dict) -> None:
-    record = {**record, **COMMON}
-    line = json.dumps(record)
-    print(line, flush=True)
-    if OUT is not None:
-        with OUT.open("a") as f:
-            f.write(line + "\n")
+    common.emit({**record, **COMMON}, OUT)
 
 
 STUB_ENV = "LIPSYNC_TRITON_STUB_SITE"  # set in the server process only (after its start)
@@ -113,58 +114,42 @@ def install_stub_pth(args) -> str | None:
     return str(pth)
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def stats_ms(seconds: list[float]) -> dict:
-    ms = sorted(1000 * s for s in seconds)
-    return {
-        "median": round(statistics.median(ms), 2),
-        "mean": round(statistics.fmean(ms), 2),
-        "min": round(ms[0], 2),
-        "p90": round(ms[min(len(ms) - 1, int(0.9 * len(ms)))], 2),
-        "n": len(ms),
-    }
+free_ports = common.free_ports
+stats_ms = common.stats_ms
 
 
 # -- the server side (this script with --serve) ------------------------------------------------
 
 
+class NullHost(ChunkHost):
+    """The ``lipsync`` model's inputs and outputs, and no work at all."""
+
+    def infer_lipsync(self, requests):
+        return [{"faces_out": np.zeros(r["faces"].shape, self.out_dtype)} for r in requests]
+
+
+def load_options(args) -> LoadOptions:
+    return LoadOptions(
+        preset=args.preset, device=args.device, dtype=args.dtype, cpu_threads=args.cpu_threads,
+        compile=args.compile, random_weights=not args.real_weights,
+    )  # fmt: skip
+
+
 def run_server(args) -> None:
-    from lipsync.serving.triton_server import EchoModelHost, ServerOptions, serve
-
-    class NullHost(EchoModelHost):
-        """The ``lipsync`` model's inputs and outputs, and no work at all."""
-
-        def infer_lipsync(self, requests):
-            return [{"faces_out": np.zeros(r["faces"].shape, self.out_dtype)} for r in requests]
-
     http, grpc, metrics = (int(p) for p in args.ports.split(","))
     options = ServerOptions(
-        preset=args.preset, device=args.device, dtype=args.dtype, http_port=http,
-        grpc_port=grpc, metrics_port=metrics, max_batch_size=args.max_batch_size,
-        queue_delay_us=args.queue_delay_us, access_token=TOKEN, cpu_threads=args.cpu_threads,
-        compile=args.compile, random_weights=not args.real_weights,
+        load=load_options(args), http_port=http, grpc_port=grpc, metrics_port=metrics,
+        max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
+        access_token=TOKEN,
     )  # fmt: skip
     paths = stub_paths(args)
     if paths:  # for tritonserver and its stubs only: this process has its sys.path already
         os.environ[STUB_ENV] = os.pathsep.join(paths)
     host = None
-    if args.serve == "null":
-        from lipsync.config import get_preset
-        from lipsync.models.bundle import parse_dtype
-
-        default = torch.float16 if args.device == "cuda" else torch.float32  # as a real server
-        dtype = parse_dtype(args.dtype) if args.dtype else default
-        host = NullHost(get_preset(args.preset).resolution, dtype)
+    if args.serve == "null":  # the dtype a real server would use: the loading policy's
+        load = options.load
+        dtype = resolve_dtype(load.dtype, resolve_device(load.device))
+        host = NullHost(load.resolve_preset().resolution, torch.device("cpu"), dtype, "null")
     serve(options, host)
 
 
@@ -250,13 +235,10 @@ class Server:
 
 def make_chunk(resolution: int, frames: int, seed: int):
     """8-bit face levels (as the pipeline's crops are), their [-1, 1] faces, windows, mask."""
-    from lipsync.face.mask import make_mask
-    from lipsync.serving.triton_server import face_levels_table
-
     g = torch.Generator().manual_seed(seed)
     levels = torch.randint(0, 256, (frames, 3, resolution, resolution), dtype=torch.uint8,
                            generator=g)  # fmt: skip
-    faces = face_levels_table()[levels.long()]
+    faces = levels_to_unit_table()[levels.long()]
     windows = torch.randn(frames, 50, 384, generator=g)
     mask = torch.from_numpy(make_mask(resolution))
     return levels, faces, windows, mask
@@ -281,10 +263,6 @@ def transport_modes(args) -> list[tuple[str, str]]:
 
 
 def part_transfer(args, log_dir: Path) -> None:
-    from lipsync.diffusion import DenoiseOptions
-    from lipsync.serving.triton_client import TritonEngine
-    from lipsync.serving.triton_server import options_to_json
-
     server = Server(args, "null", 1, log_dir)
     try:
         emit({"what": "server_start", "kind": "null", "seconds": server.start_s})
@@ -302,22 +280,17 @@ def part_transfer(args, log_dir: Path) -> None:
             try:
                 r, k = engine.resolution, args.frames
                 levels, faces, windows, mask = make_chunk(r, k, seed=1)
-                tensors = {"faces": levels[None], "windows": windows[None], "mask": mask[None]}
                 if shm == "cuda":
-                    tensors = {n: t.cuda() for n, t in tensors.items()}
-                    faces, windows, mask = faces.cuda(), windows.cuda(), mask.cuda()
-                params = {
-                    "seed": np.array([[1]], dtype=np.int64),
-                    "chunk_index": np.array([[0]], dtype=np.int64),
-                    "options": np.array([[options_to_json(DenoiseOptions())]], dtype=np.object_),
-                }
-                shape = (1, k, 3, r, r)
+                    levels, faces, windows, mask = (
+                        levels.cuda(), faces.cuda(), windows.cuda(), mask.cuda()
+                    )  # fmt: skip
+                request = ChunkRequest(levels, windows, mask, 1, 0, DenoiseOptions())
                 for _ in range(3):
-                    engine._infer_lipsync(tensors, params, shape)
+                    engine.infer(request)
                 infer = []
                 for _ in range(args.repeats):
                     t = time.perf_counter()
-                    engine._infer_lipsync(tensors, params, shape)
+                    engine.infer(request)
                     infer.append(time.perf_counter() - t)
                 full = []
                 for i in range(max(3, args.repeats // 2)):
@@ -325,11 +298,11 @@ def part_transfer(args, log_dir: Path) -> None:
                     engine.denoise(faces, windows, mask, 1, i, DenoiseOptions())
                     full.append(time.perf_counter() - t)
                 in_mb = (levels.numel() + 4 * windows.numel() + 4 * mask.numel()) / 1e6
-                out_mb = levels.numel() * np.dtype(engine._out_dtype).itemsize / 1e6
+                out_mb = levels.numel() * np.dtype(engine.output_dtype).itemsize / 1e6
                 emit({
                     "what": "transfer", "mode": mode, "frames": k, "resolution": r,
                     "in_mb": round(in_mb, 2), "out_mb": round(out_mb, 2),
-                    "out_dtype": np.dtype(engine._out_dtype).name,
+                    "out_dtype": np.dtype(engine.output_dtype).name,
                     "infer_ms": stats_ms(infer), "denoise_ms": stats_ms(full),
                     "shared_memory": engine.shared_memory,
                 })  # fmt: skip
@@ -353,14 +326,7 @@ def model_record(args, mode: str, resolution: int, times: list[float]) -> dict:
 
 def part_model_local(args) -> None:
     """The same chunk in this process, no Triton (the baseline for ``model``)."""
-    from lipsync.diffusion import DenoiseOptions
-    from lipsync.engine import LocalEngine
-    from lipsync.serving.triton_server import ServerOptions, load_bundle
-
-    options = ServerOptions(preset=args.preset, device=args.device, dtype=args.dtype,
-                            cpu_threads=args.cpu_threads, compile=args.compile,
-                            random_weights=not args.real_weights)  # fmt: skip
-    bundle = load_bundle(options)
+    bundle = load_bundle(ServerOptions(load=load_options(args)))
     engine = LocalEngine(bundle)
     _, faces, windows, mask = make_chunk(engine.resolution, args.frames, seed=2)
     faces, windows = faces.to(engine.device), windows.to(engine.device)
@@ -381,9 +347,6 @@ def part_model_local(args) -> None:
 
 
 def part_model_remote(args, server: Server) -> None:
-    from lipsync.diffusion import DenoiseOptions
-    from lipsync.serving.triton_client import TritonEngine
-
     opts = DenoiseOptions(steps=args.steps)
     for protocol, shm in [("grpc", "system"), ("grpc", "none"), ("http", "none")]:
         if over_budget(args, "model"):
@@ -402,9 +365,6 @@ def part_model_remote(args, server: Server) -> None:
 
 
 def part_batching(args, server: Server, max_batch_size: int) -> None:
-    from lipsync.diffusion import DenoiseOptions
-    from lipsync.serving.triton_client import TritonEngine
-
     opts = DenoiseOptions(steps=args.batch_steps)
     with TritonEngine(
         server.url("grpc"), shared_memory="auto", access_token=TOKEN, timeout_s=300
@@ -480,7 +440,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also append the JSON lines here")
     ap.add_argument("--stub-site", default=None,
                     help="a folder with numpy < 2 for Triton's Python-backend stub (needed when "
-                    "this interpreter has numpy 2; benchmarks/triton_wheels.py)")  # fmt: skip
+                    "this interpreter has numpy 2; benchmarks/fetch_triton_wheels.py)")  # fmt: skip
     # internal: run a server
     ap.add_argument("--serve", choices=["null", "model"], help=argparse.SUPPRESS)
     ap.add_argument("--ports", help=argparse.SUPPRESS)
@@ -497,7 +457,7 @@ def main() -> None:
     OUT = Path(args.out) if args.out else None
     COMMON.update({
         "preset": args.preset, "device": args.device,
-        "dtype": args.dtype or ("fp16" if args.device == "cuda" else "fp32"),
+        "dtype": args.dtype or dtype_name(resolve_dtype(None, torch.device(args.device))),
         "weights": "checkpoints" if args.real_weights else "random",
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

@@ -3,28 +3,27 @@
 source line that made it (one JSON line per mode). Eager v1.6 with random weights: the code
 paths are the model-independent ones.
 
-    python benchmarks/gpu_syncs.py --video V --audio A --face-cache DIR --frames 48 \
+    python benchmarks/host_syncs.py --video V --audio A --face-cache DIR --frames 48 \
         --modes exact,dpm6+fast
+
+Results: docs/PERFORMANCE.md ("Pass 2 without host syncs"), docs/NOTES.md; was ``gpu_syncs.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
-import sys
 import time
 import traceback
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_e2e
+import common
+import torch
 
-import torch  # noqa: E402
-
-from lipsync.models.bundle import load_models  # noqa: E402
-from lipsync.pipeline import LipSyncPipeline, RunOptions  # noqa: E402
+from lipsync.config import LoadOptions
+from lipsync.loading import load_models
+from lipsync.pipeline import LipSyncPipeline, RunOptions
 
 
 def lipsync_site(stack) -> str:
@@ -46,14 +45,12 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=48)
     ap.add_argument("--modes", default="exact")
     args = ap.parse_args()
-    from gpu_e2e import with_mode, write_audio_clip
-
-    clip = write_audio_clip(args.audio, args.frames, args.out + ".wav")
-    models = load_models(args.preset, device="cuda", dtype=torch.bfloat16, random_weights=True)
-    pipe = LipSyncPipeline(models)
+    clip = common.write_audio_clip(args.audio, args.frames, args.out + ".wav")
+    load = LoadOptions(preset=args.preset, device="cuda", dtype="bf16", random_weights=True)
+    pipe = LipSyncPipeline(load_models(load))
     base = RunOptions(seed=1247, face_cache=args.face_cache, force=True)
     for spec in args.modes.split(","):
-        opts = base if spec == "exact" else with_mode(base, spec)
+        opts = common.with_mode(base, spec)
         pipe.run(args.video, clip, args.out, opts)  # warm-up
         sites: collections.Counter = collections.Counter()
 
@@ -70,13 +67,11 @@ def main() -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
             warnings.showwarning = old
-        print(json.dumps({
+        common.emit({
             "what": "syncs", "mode": spec, "frames": report.frames,
             "chunks": -(-report.frames // 16), "wall_s": round(time.perf_counter() - t, 2),
             "total": sum(sites.values()), "sites": dict(sites.most_common()),
-            "device_name": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"),
-        }), flush=True)  # fmt: skip
+        })  # fmt: skip
 
 
 if __name__ == "__main__":

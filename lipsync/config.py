@@ -72,7 +72,7 @@ PRESETS: dict[str, Preset] = {
         resolution=256,
         unet_config_file="unet_stage2_config.json",
         hf_repo="ByteDance/LatentSync-1.5",
-        description="LatentSync 1.5: 256 px faces (about 3x faster)",
+        description="LatentSync 1.5: 256 px faces (faster)",
         aliases=("1.5", "15"),
     ),
     "tiny": Preset(

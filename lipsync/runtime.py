@@ -2,11 +2,10 @@
 
 Frame-sized buffers (hundreds of KB to MB) are allocated and freed all the time by the decoder,
 encoder and model threads. glibc keeps freed heap memory for reuse, so resident memory creeps up
-over a long video through fragmentation (measured, 2-minute clip, tiny preset: +120 MB over the
-run). :func:`release_memory` asks glibc to return free heap pages to the system
-(``malloc_trim``); the pipeline calls it after every chunk. Pinning glibc's mmap threshold
-instead also stopped the creep but made the CPU pipeline twice as slow (page faults on every
-large temporary), so we don't.
+over a long video through fragmentation. :func:`release_memory` asks glibc to return free heap
+pages to the system (``malloc_trim``); the pipeline calls it after every chunk. Pinning glibc's
+mmap threshold instead also stopped the creep but made the CPU pipeline slower (page faults on
+every large temporary). Measurements: docs/NOTES.md, "Memory hygiene".
 """
 
 from __future__ import annotations

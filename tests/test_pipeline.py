@@ -246,7 +246,7 @@ def test_ctrl_c_leaves_no_partial_output(tmp_path):
 def test_face_cache_skips_tracking_and_gives_the_same_output(
     tmp_path, small_demo_frames, monkeypatch
 ):
-    import lipsync.pipeline as pipeline_module
+    import lipsync.face.detect as detect_module
     from lipsync import LipSync
     from lipsync.face.cache import track_key
 
@@ -262,7 +262,7 @@ def test_face_cache_skips_tracking_and_gives_the_same_output(
         def __init__(self, *a, **k):
             raise AssertionError("face tracking ran although the track was cached")
 
-    monkeypatch.setattr(pipeline_module, "MediaPipeDetector", NoDetector)
+    monkeypatch.setattr(detect_module, "MediaPipeDetector", NoDetector)
     second = ls.run(video, audio, tmp_path / "2.mp4", steps=1, face_cache=str(cache))
     assert second.frames_with_face == first.frames_with_face == 20
     assert np.array_equal(read_frames(tmp_path / "1.mp4"), read_frames(tmp_path / "2.mp4"))

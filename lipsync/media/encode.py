@@ -20,12 +20,9 @@ Atomicity: everything is written to a hidden temporary file in the destination d
 destination is untouched.
 
 Reproducibility: the same frames give the same file. libx264's AVX-512 routines are not
-run-to-run deterministic (measured on this project's CI machines, PyAV 18.1's libx264 on a CPU
-with AVX-512: 5 different outputs from 15 encodes of the same 20 frames; the decoded frames
-differed by up to 37 levels). On such CPUs the writer limits x264 to its AVX2 code
-(``x264-params=asm=avx2``; identical bytes in 40 of 40 encodes). Cost, 1080p demo frames on the
-2-core CI machine (median of 4): ``veryfast`` 86 -> 76 frames/s, ``medium`` 38 -> 36; the
-encoder still runs well ahead of the model. ``deterministic=False`` keeps x264's own choice.
+run-to-run deterministic, so on such CPUs the writer limits x264 to its AVX2 code
+(``x264-params=asm=avx2``); what that was measured to cost, and the evidence, are in
+docs/NOTES.md ("Reproducible files"). ``deterministic=False`` keeps x264's own choice.
 """
 
 from __future__ import annotations

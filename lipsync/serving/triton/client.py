@@ -34,6 +34,7 @@ import math
 import os
 import threading
 import time
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -68,8 +69,10 @@ from lipsync.serving.triton.shm import SharedMemoryPool, aligned
 
 LOG = logging.getLogger("lipsync.triton")
 
-PROTOCOLS = ("grpc", "http")
-SHARED_MEMORY_MODES = ("auto", "system", "cuda", "none")
+Protocol = Literal["grpc", "http"]
+SharedMemoryMode = Literal["auto", "system", "cuda", "none"]
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
+SHARED_MEMORY_MODES: tuple[SharedMemoryMode, ...] = get_args(SharedMemoryMode)
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 
 
@@ -135,8 +138,8 @@ class TritonEngine:
     def __init__(
         self,
         url: str = "localhost:8001",
-        protocol: str | None = None,
-        shared_memory: str = "auto",
+        protocol: Protocol | None = None,
+        shared_memory: SharedMemoryMode = "auto",
         device: str | torch.device | None = None,
         timeout_s: float | None = None,
         connect_timeout_s: float = 10.0,

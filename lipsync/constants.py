@@ -34,7 +34,7 @@ DType = Literal["fp32", "fp16", "bf16"]
 CompileMode = Literal["none", "regional", "full", "full-cudagraphs"]
 Mode = Literal["exact", "fast"]
 SchedulerName = Literal["ddim", "dpm++"]
-DetectorName = Literal["mediapipe", "insightface"]
+DetectorName = Literal["mediapipe"]  # InsightFace: see lipsync.face.detect
 TemporalAttentionKind = Literal["matmul", "sdpa"]
 
 DTYPES: tuple[DType, ...] = get_args(DType)

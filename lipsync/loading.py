@@ -169,6 +169,7 @@ def compile_models(bundle: ModelBundle, mode: CompileMode) -> None:
     """Compile ``bundle``'s U-Net in ``mode`` (``bundle.unet`` becomes what
     :func:`~lipsync.accel.compile.compile_unet` returns) and, unless ``mode`` is ``none``, the
     VAE's encoder and decoder regionally. Compilation itself happens at the first call."""
+    if mode == "none":
+        return
     bundle.unet = accel_compile.compile_unet(bundle.unet, mode)
-    if mode != "none":
-        accel_compile.compile_vae(bundle.vae, "regional")
+    accel_compile.compile_vae(bundle.vae, "regional")

@@ -315,7 +315,8 @@ class LipSyncPipeline:
         seed = options.seed if options.seed is not None else int(torch.seed() % 2**31)
         return RunReport(
             output=None, preset=e.preset_name, device=str(e.device), dtype=e.dtype_name, seed=seed,
-            mode=options.mode, denoise=options.denoise_options().as_dict(), fp8=bool(e.fp8),
+            mode=options.mode, denoise=options.denoise_options().as_dict(),
+            fp8=bool(getattr(e, "fp8", False)),  # engines that predate the attribute: none
         )  # fmt: skip
 
     def _run(self, frames, wav, open_sink, options, progress, report: RunReport):

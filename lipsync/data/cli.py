@@ -37,6 +37,11 @@ def synth(
     no_demo: Annotated[
         bool, typer.Option("--no-demo", help="Do not use the demo clip as base footage.")
     ] = False,
+    min_words: Annotated[int, typer.Option(help="Fewest words per clip.")] = 13,
+    max_words: Annotated[int, typer.Option(help="Most words per clip.")] = 19,
+    max_source_seconds: Annotated[
+        float, typer.Option(help="Use at most this much of each base video.")
+    ] = 30.0,
 ) -> None:
     """Generate a synthetic talking-face corpus with exact phone timings (docs/DATA.md)."""
     import json
@@ -69,7 +74,8 @@ def synth(
             )
     options = SynthOptions(
         out=out, clips=clips, seed=seed, resolution=resolution, faces=faces,
-        base=tuple(bases), workers=workers,
+        base=tuple(bases), workers=workers, min_words=min_words, max_words=max_words,
+        max_source_seconds=max_source_seconds,
     )  # fmt: skip
     progress = Progress(
         TextColumn("{task.description}"),

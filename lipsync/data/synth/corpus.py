@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from lipsync.data.synth.faces import (
+    MAX_SOURCE_SECONDS,
     Augment,
     ColourTransform,
     FaceSource,
@@ -63,9 +64,15 @@ from lipsync.data.synth.phones import (
 )
 from lipsync.data.synth.render import MouthRenderer
 from lipsync.data.synth.text import sentence_text
-from lipsync.data.synth.tts import ESPEAK_SAMPLE_RATE, VoiceSettings, espeak, resample
+from lipsync.data.synth.tts import (
+    ESPEAK_SAMPLE_RATE,
+    VoiceSettings,
+    espeak_version,
+    resample,
+    synthesize,
+)
 from lipsync.data.synth.visemes import viseme_track
-from lipsync.errors import ConfigError
+from lipsync.errors import ConfigError, MediaError
 
 __all__ = [
     "GENERATOR",
@@ -73,7 +80,9 @@ __all__ = [
     "SCHEMA",
     "SPLITS",
     "VARIANTS",
+    "ClipLabels",
     "ClipPlan",
+    "clip_labels",
     "SynthOptions",
     "SynthSummary",
     "generate_clip",
@@ -121,6 +130,7 @@ class SynthOptions:
     preset: str = "fast"
     min_words: int = 13
     max_words: int = 19
+    max_source_seconds: float = MAX_SOURCE_SECONDS
 
 
 # -- splits and plans ----------------------------------------------------------------------------
@@ -191,6 +201,7 @@ class ClipPlan:
     level_db: float  # speech RMS level, dBFS
     open_gain: float
     augment: Augment
+    noise_seed: int  # seeds eSpeak's breath / roughness noise
     seed: int
 
 
@@ -246,6 +257,7 @@ def plan_clip(
         level_db=float(rng.uniform(-26.0, -18.0)),
         open_gain=float(rng.uniform(0.85, 1.1)),
         augment=sample_augment(rng, static=source.kind == "image"),
+        noise_seed=int(rng.integers(0, 2**31)),
         seed=seed,
     )
 
@@ -314,23 +326,32 @@ def render_clip_frames(plan: ClipPlan, footage: Footage, track: np.ndarray, size
         yield renderer.frame(int(src[k]), affine, track[k], colour)
 
 
-def generate_clip(
-    plan: ClipPlan, sources_root: Path, source: FaceSource, clips_dir: Path, options: SynthOptions
-) -> dict[str, Any]:
-    """Synthesise, render and write one clip (mp4, then sidecar); returns its corpus line plus
-    timing (``cpu_s``, ``wall_s``)."""
-    from lipsync.media import VideoWriter
+@dataclass
+class ClipLabels:
+    """The audio and labels of a clip: 16 kHz ``audio`` (``frames * 640`` samples), ``phones``
+    and ``words`` as in the sidecar, the viseme ``track`` (frames, 5)."""
 
-    t_wall, t_cpu = time.perf_counter(), time.process_time()
-    speech = espeak().synth(plan.text, plan.voice)
+    frames: int
+    duration: float
+    audio: np.ndarray
+    phones: list[dict[str, Any]]
+    words: list[dict[str, Any]]
+    track: np.ndarray
+    lead: int  # lead-in silence, samples at 22050 Hz
+    tail: int
+
+
+def clip_labels(plan: ClipPlan) -> ClipLabels:
+    """Speak the clip's text, pad it with the planned silences, resample, set the level, and
+    derive its phones, words and viseme track (deterministic)."""
+    speech = synthesize(plan.text, plan.voice, noise_seed=plan.noise_seed)
     sr = ESPEAK_SAMPLE_RATE
     lead = int(round(plan.lead_in * sr))
     tail = int(round(plan.tail * sr))
     samples = np.concatenate([np.zeros(lead, np.int16), speech.samples, np.zeros(tail, np.int16)])
     audio = resample(samples, sr, SAMPLE_RATE)
     frames = math.ceil(len(audio) * FPS / SAMPLE_RATE)
-    n_audio = frames * SAMPLE_RATE // FPS
-    audio = np.pad(audio, (0, n_audio - len(audio)))
+    audio = np.pad(audio, (0, frames * SAMPLE_RATE // FPS - len(audio)))
     # level: speech RMS to plan.level_db, peak at most 0.95
     voiced = audio[np.abs(audio) > 1e-4]
     rms = float(np.sqrt(np.mean(voiced.astype(np.float64) ** 2))) if voiced.size else 1.0
@@ -346,6 +367,20 @@ def generate_clip(
     track = viseme_track(
         [(p["label"], p["start"], p["end"]) for p in phones], frames, FPS, plan.open_gain
     )
+    return ClipLabels(frames, duration, audio, phones, words, track, lead, tail)
+
+
+def generate_clip(
+    plan: ClipPlan, sources_root: Path, source: FaceSource, clips_dir: Path, options: SynthOptions
+) -> dict[str, Any]:
+    """Synthesise, render and write one clip (mp4, then sidecar); returns its corpus line plus
+    timing (``cpu_s``, ``wall_s``)."""
+    from lipsync.media import VideoWriter
+
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    labels = clip_labels(plan)
+    frames, duration, audio, track = labels.frames, labels.duration, labels.audio, labels.track
+    phones, words = labels.phones, labels.words
     footage = _footage(sources_root / source.key, source)
     size = options.resolution
     mp4 = clips_dir / f"{plan.id}.mp4"
@@ -375,7 +410,7 @@ def generate_clip(
         "rate": plan.voice.rate,
         "pitch": plan.voice.pitch,
         "range": plan.voice.range,
-        "engine": f"espeak-ng {espeak().version}",
+        "engine": f"espeak-ng {espeak_version()}",
     }
     sidecar = {
         "schema": SCHEMA,
@@ -396,7 +431,11 @@ def generate_clip(
             "augment": asdict(plan.augment),
         },
         "voice": voice,
-        "audio": {"level_db": plan.level_db, "lead_in": lead / sr, "tail": tail / sr},
+        "audio": {
+            "level_db": plan.level_db,
+            "lead_in": labels.lead / ESPEAK_SAMPLE_RATE,
+            "tail": labels.tail / ESPEAK_SAMPLE_RATE,
+        },
         "sentence_id": f"s{plan.sentence:05d}",
         "text": plan.text,
         "words": words,
@@ -470,6 +509,7 @@ class SynthSummary:
     cpu_s: float
     per_split: dict[str, dict[str, int]] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    skipped_sources: list[str] = field(default_factory=list)
 
     @property
     def frames_per_s(self) -> float:
@@ -488,6 +528,7 @@ def _settings(options: SynthOptions, sources: list[FaceSource]) -> dict[str, Any
         "crf": options.crf,
         "preset": options.preset,
         "words": [options.min_words, options.max_words],
+        "max_source_seconds": options.max_source_seconds,
         "sources": [
             {"identity": s.identity, "key": s.key, "path": str(s.path), "kind": s.kind}
             for s in sources
@@ -499,7 +540,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     path = out / "synth.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        for key in ("generator", "seed", "resolution", "crf", "preset", "words", "sources"):
+        for key in settings:
             if old.get(key) != settings[key]:
                 raise ConfigError(
                     f"{out} holds a corpus made with other settings ({key}: {old.get(key)!r}, "
@@ -542,6 +583,14 @@ def run_synth(
     """Generate (or finish) the corpus described by ``options``; see the module docstring."""
     if options.clips < 1:
         raise ConfigError(f"--clips must be at least 1, got {options.clips}")
+    if not 1 <= options.min_words <= options.max_words:
+        raise ConfigError(
+            f"need 1 <= --min-words <= --max-words, got {options.min_words}, {options.max_words}"
+        )
+    if options.max_source_seconds <= 0:
+        raise ConfigError(
+            f"--max-source-seconds must be positive, got {options.max_source_seconds}"
+        )
     if options.resolution < 64 or options.resolution % 2:
         raise ConfigError(f"--resolution must be an even number >= 64, got {options.resolution}")
     out = options.out
@@ -553,11 +602,21 @@ def run_synth(
     say = on_status or (lambda _msg: None)
     footage_frames: dict[str, int] = {}
     usable: list[FaceSource] = []
+    skipped_sources: list[str] = []
     for source in sources:
         say(f"footage {source.key}: landmarks and cache")
-        root = build_footage(source, sources_root, options.resolution)
+        try:
+            root = build_footage(
+                source, sources_root, options.resolution, options.max_source_seconds
+            )
+        except MediaError as exc:  # no face, unreadable: the other sources may still do
+            say(f"skipping {source.path}: {exc}")
+            skipped_sources.append(f"{source.path}: {exc}")
+            continue
         footage_frames[source.key] = load_footage(root, source).num_frames
         usable.append(source)
+    if not usable:
+        raise ConfigError("no usable base footage: " + "; ".join(skipped_sources))
     splits = split_plan(options.seed, [s.identity for s in usable])
     plans = [
         plan_clip(
@@ -642,4 +701,5 @@ def run_synth(
         cpu_s=cpu,
         per_split=per_split,
         sources=[s.key for s in usable],
+        skipped_sources=skipped_sources,
     )

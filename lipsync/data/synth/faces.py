@@ -353,7 +353,9 @@ def _read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _detect(source: FaceSource) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+def _detect(
+    source: FaceSource, max_seconds: float = MAX_SOURCE_SECONDS
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Landmarks of the longest run of frames with a face: ``(landmarks (N, 468, 2), source frame
     numbers (N,), (width, height))``. Raises :class:`MediaError` when there is no usable face."""
     from lipsync.face.detect import MediaPipeDetector
@@ -366,7 +368,7 @@ def _detect(source: FaceSource) -> tuple[np.ndarray, np.ndarray, tuple[int, int]
         if face is None:
             raise MediaError(f"no face found in {source.path}")
         return face.landmarks[None], np.zeros(1, np.int64), (image.shape[1], image.shape[0])
-    max_frames = int(MAX_SOURCE_SECONDS * FPS)
+    max_frames = int(round(max_seconds * FPS))
     lms: list[np.ndarray | None] = []
     size = (0, 0)
     with MediaPipeDetector() as det, iter_frames(source.path, fps=FPS, stop=max_frames) as reader:
@@ -379,7 +381,7 @@ def _detect(source: FaceSource) -> tuple[np.ndarray, np.ndarray, tuple[int, int]
             if i - run_start > best:
                 best, best_start = i - run_start, run_start
             run_start = i + 1
-    if best < MIN_SOURCE_FRAMES:
+    if best < min(MIN_SOURCE_FRAMES, max_frames):
         raise MediaError(
             f"{source.path}: no run of {MIN_SOURCE_FRAMES} frames with a face (longest: {best})"
         )
@@ -420,14 +422,20 @@ def _place(image: np.ndarray, to_cache: np.ndarray, size: int) -> np.ndarray:
     )
 
 
-def build_footage(source: FaceSource, cache_root: Path, resolution: int) -> Path:
-    """Build (or find) the cache of ``source`` under ``cache_root``; returns its folder."""
+def build_footage(
+    source: FaceSource,
+    cache_root: Path,
+    resolution: int,
+    max_seconds: float = MAX_SOURCE_SECONDS,
+) -> Path:
+    """Build (or find) the cache of ``source`` under ``cache_root`` (a video's first
+    ``max_seconds`` at most); returns its folder."""
     final = cache_root / _cache_name(source)
     if (final / "meta.json").is_file():
         return final
     from lipsync.media import iter_frames
 
-    lm_src, frame_numbers, (width, height) = _detect(source)
+    lm_src, frame_numbers, (width, height) = _detect(source, max_seconds)
     # the base crop: side 2 x face height, centred 0.12 side below the face centre
     face_h = float(np.median(lm_src[:, :, 1].max(1) - lm_src[:, :, 1].min(1)))
     centre = np.median((lm_src.max(1) + lm_src.min(1)) / 2, axis=0)

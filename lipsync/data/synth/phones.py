@@ -80,9 +80,13 @@ class VisemeClass:
 
 VISEMES: tuple[VisemeClass, ...] = (
     #            name            phones                          open width round teeth tongue
-    VisemeClass("rest", ("SIL",), (0.0, 0.45, 0.0, 0.0, 0.0), (1.0, 0.6, 0.6, 1.0, 1.0)),
-    VisemeClass("bilabial", ("P", "B", "M"), (0.0, 0.45, 0.1, 0.0, 0.0), (8.0, 1.0, 0.7, 4.0, 1.0)),
-    VisemeClass("labiodental", ("F", "V"), (0.12, 0.5, 0.0, 0.95, 0.0), (4.0, 1.0, 1.0, 5.0, 1.0)),
+    VisemeClass("rest", ("SIL",), (0.0, 0.45, 0.0, 0.0, 0.0), (1.0, 0.6, 1.0, 1.0, 1.0)),
+    VisemeClass(
+        "bilabial", ("P", "B", "M"), (0.0, 0.45, 0.1, 0.0, 0.0), (30.0, 1.0, 0.7, 8.0, 1.0)
+    ),
+    VisemeClass(
+        "labiodental", ("F", "V"), (0.12, 0.5, 0.0, 0.95, 0.0), (6.0, 1.0, 1.0, 8.0, 1.0)
+    ),
     VisemeClass("dental", ("TH", "DH"), (0.24, 0.52, 0.0, 0.7, 0.9), (2.5, 1.0, 1.0, 3.0, 5.0)),
     VisemeClass(
         "alveolar", ("T", "D", "N", "L", "S", "Z"), (0.18, 0.55, 0.0, 0.75, 0.25),

@@ -103,23 +103,31 @@ def _one_sentence(rng: np.random.Generator, lex: Lexicon) -> str:
 
 
 def sentence_text(rng: np.random.Generator, min_words: int = 13, max_words: int = 19) -> str:
-    """One or more random sentences with ``min_words`` to ``max_words`` words in all (drawn
-    uniformly; sentences are added while the count is below the draw and kept if within
-    ``max_words``)."""
+    """One or more random sentences with ``min_words`` to ``max_words`` words in all: a target
+    count is drawn uniformly, sentences are added while the count is below it (each must keep
+    the total within ``max_words``); a draw that cannot reach ``min_words`` starts again (after
+    100 attempts the last one is returned as it is). The templates make sentences of 6 to 12
+    words; when not even one fits in ``max_words``, the shortest one drawn is returned."""
     if not 1 <= min_words <= max_words:
         raise ValueError(f"need 1 <= min_words <= max_words, got {min_words}, {max_words}")
     lex = lexicon()
-    target = int(rng.integers(min_words, max_words + 1))
     parts: list[str] = []
-    count = 0
-    while count < target:
-        for _ in range(30):
-            s = _one_sentence(rng, lex)
-            n = len(s.split())
-            if count + n <= max_words or not parts:
-                parts.append(s)
-                count += n
-                break
-        else:
-            break  # nothing fits in the words left: stop short of the target
-    return " ".join(parts)
+    shortest = ""
+    for _ in range(100):
+        target = int(rng.integers(min_words, max_words + 1))
+        parts, count = [], 0
+        while count < target:
+            for _ in range(30):
+                s = _one_sentence(rng, lex)
+                n = len(s.split())
+                if not shortest or n < len(shortest.split()):
+                    shortest = s
+                if count + n <= max_words:
+                    parts.append(s)
+                    count += n
+                    break
+            else:
+                break  # nothing fits in the words left
+        if count >= min_words:
+            break
+    return " ".join(parts) if parts else shortest

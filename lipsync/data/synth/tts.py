@@ -35,14 +35,23 @@ inference). It has no delay: an impulse at sample ``s`` of the 22050 Hz signal p
 ``s * 16000 / 22050`` (to 0.1 sample, checked by ``tests/test_data_synth.py``), so times in
 seconds (``sample / 22050``) hold in the new rate unchanged.
 
-eSpeak NG keeps global state and is not thread-safe: one :class:`Espeak` per process, calls
-serialised by a lock. Process pools give every worker its own library instance.
+Reproducibility: eSpeak NG keeps state between utterances in static variables (the wave
+generator's pitch-flutter phase, for one), so the same text spoken twice in one process can come
+out a few samples longer or shorter, depending on what was spoken before. :func:`synthesize`
+therefore loads a fresh copy of the library for every utterance (``dlopen``, speak, then
+``espeak_Terminate`` and ``dlclose``, about 25 ms). Voices with breath noise or roughness draw
+from the C library's ``rand()``, which :func:`synthesize` seeds (``srand(noise_seed)``) just
+before speaking. So the same text, voice and noise seed always give the same samples and events,
+whatever the process spoke before. The library is not thread-safe; calls are serialised by a
+lock.
 """
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import ctypes.util
+import functools
 import re
 import threading
 from dataclasses import dataclass, field
@@ -58,8 +67,9 @@ __all__ = [
     "Speech",
     "VoiceSettings",
     "WordTiming",
-    "espeak",
+    "espeak_version",
     "resample",
+    "synthesize",
 ]
 
 ESPEAK_SAMPLE_RATE = 22050
@@ -177,11 +187,13 @@ def _load_library() -> ctypes.CDLL:
     lib.espeak_Synth.restype = ctypes.c_int
     lib.espeak_Info.argtypes = [ctypes.c_void_p]
     lib.espeak_Info.restype = ctypes.c_char_p
+    lib.espeak_Terminate.argtypes = []
+    lib.espeak_Terminate.restype = ctypes.c_int
     return lib
 
 
 class Espeak:
-    """One eSpeak NG instance (per process; use :func:`espeak`)."""
+    """One loaded instance of libespeak-ng; :meth:`close` unloads it (use :func:`synthesize`)."""
 
     def __init__(self) -> None:
         self._lib = _load_library()
@@ -191,11 +203,24 @@ class Espeak:
         if rate != ESPEAK_SAMPLE_RATE:
             raise ConfigError(f"eSpeak NG did not initialise (returned {rate})")
         self.version = (self._lib.espeak_Info(None) or b"?").decode()
-        self._lock = threading.Lock()
         self._chunks: list[np.ndarray] = []
         self._events: list[tuple[int, int, int, int, str]] = []
         self._callback = _Callback(self._on_audio)  # keep a reference: C holds a raw pointer
         self._lib.espeak_SetSynthCallback(self._callback)
+
+    def close(self) -> None:
+        """Terminate and unload the library (the next :class:`Espeak` starts from scratch)."""
+        lib, self._lib = self._lib, None
+        if lib is None:
+            return
+        lib.espeak_Terminate()
+        _ctypes.dlclose(lib._handle)
+
+    def __enter__(self) -> Espeak:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _on_audio(self, wav, num_samples, events) -> int:
         if num_samples > 0:
@@ -214,25 +239,26 @@ class Espeak:
     def synth(self, text: str, voice: VoiceSettings) -> Speech:
         """Speak ``text`` with ``voice``; see the module docstring for the timing rules."""
         data = text.encode("utf-8")
-        with self._lock:
-            if self._lib.espeak_SetVoiceByName(voice.espeak_name.encode()) != 0:
-                raise ConfigError(f"eSpeak NG has no voice {voice.espeak_name!r}")
-            for param, value in (
-                (_PARAM_RATE, voice.rate),
-                (_PARAM_PITCH, voice.pitch),
-                (_PARAM_RANGE, voice.range),
-                (_PARAM_VOLUME, 100),
-            ):
-                self._lib.espeak_SetParameter(param, int(value), 0)
-            self._chunks, self._events = [], []
-            buf = ctypes.create_string_buffer(data)
-            err = self._lib.espeak_Synth(
-                buf, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
-            )
-            if err != 0:
-                raise RuntimeError(f"espeak_Synth failed with error {err} for {text!r}")
-            chunks, events = self._chunks, self._events
-            self._chunks, self._events = [], []
+        if self._lib is None:
+            raise RuntimeError("this Espeak instance is closed")
+        if self._lib.espeak_SetVoiceByName(voice.espeak_name.encode()) != 0:
+            raise ConfigError(f"eSpeak NG has no voice {voice.espeak_name!r}")
+        for param, value in (
+            (_PARAM_RATE, voice.rate),
+            (_PARAM_PITCH, voice.pitch),
+            (_PARAM_RANGE, voice.range),
+            (_PARAM_VOLUME, 100),
+        ):
+            self._lib.espeak_SetParameter(param, int(value), 0)
+        self._chunks, self._events = [], []
+        buf = ctypes.create_string_buffer(data)
+        err = self._lib.espeak_Synth(
+            buf, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None
+        )
+        if err != 0:
+            raise RuntimeError(f"espeak_Synth failed with error {err} for {text!r}")
+        chunks, events = self._chunks, self._events
+        self._chunks, self._events = [], []
         samples = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
         phones, words = _timings(text, events, len(samples))
         raw = [("phoneme" if t == _EVENT_PHONEME else "word", s, p, n) for t, s, p, _, n in events]
@@ -287,17 +313,37 @@ def _timings(
     return phones, words
 
 
-_INSTANCE: Espeak | None = None
-_INSTANCE_LOCK = threading.Lock()
+_LOCK = threading.Lock()
 
 
-def espeak() -> Espeak:
-    """This process's eSpeak NG instance (created on first use)."""
-    global _INSTANCE
-    with _INSTANCE_LOCK:
-        if _INSTANCE is None:
-            _INSTANCE = Espeak()
-        return _INSTANCE
+def synthesize(text: str, voice: VoiceSettings, noise_seed: int = 0) -> Speech:
+    """Speak ``text`` with ``voice`` on a freshly loaded library, the C library's random
+    generator seeded with ``noise_seed`` (reproducible, see the module docstring)."""
+    with _LOCK:
+        engine = Espeak()
+        try:
+            _libc().srand(ctypes.c_uint(noise_seed & 0xFFFFFFFF))
+            return engine.synth(text, voice)
+        finally:
+            engine.close()
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    lib = ctypes.CDLL(ctypes.util.find_library("c"))
+    lib.srand.argtypes = [ctypes.c_uint]
+    lib.srand.restype = None
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def espeak_version() -> str:
+    with _LOCK:
+        engine = Espeak()
+        try:
+            return engine.version
+        finally:
+            engine.close()
 
 
 def resample(

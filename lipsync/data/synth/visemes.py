@@ -7,7 +7,9 @@ each parameter ``j`` towards its viseme class's target ``T_ij`` with a weight (d
     D_ij(t) = a_ij * exp(-d / tau_j)         at distance d (seconds) before or after it,
 
 with a longer ``tau`` before the phone (anticipation: lips round well before an "oo") than after
-it (carry-over). The parameter is the dominance-weighted mean of the targets,
+it (carry-over). Outside its interval a phone's dominance is capped (``max_outside`` = 2), so
+that a strong constraint (the bilabial closure, dominance 30) is met inside the phone without
+flattening its neighbours. The parameter is the dominance-weighted mean of the targets,
 ``p_j(t) = sum_i D_ij(t) T_ij / sum_i D_ij(t)``, so a strongly dominant phone (a bilabial's
 closure) reaches its target even when short, and weak ones (/h/) take their neighbours' shape.
 ``p(t)`` is evaluated every millisecond and averaged over each video frame's interval
@@ -34,8 +36,9 @@ __all__ = ["CoarticulationSettings", "viseme_track"]
 class CoarticulationSettings:
     """Time constants (seconds) per parameter (order of :data:`~phones.PARAMS`)."""
 
-    tau_before: tuple[float, ...] = (0.045, 0.06, 0.12, 0.04, 0.035)
+    tau_before: tuple[float, ...] = (0.045, 0.06, 0.09, 0.04, 0.035)
     tau_after: tuple[float, ...] = (0.035, 0.045, 0.06, 0.035, 0.03)
+    max_outside: float = 2.0  # cap on a phone's dominance outside its own interval
     step: float = 0.001  # evaluation step (s)
 
 
@@ -66,9 +69,11 @@ def viseme_track(
     before = np.clip(starts[:, None] - t[None, :], 0.0, None)  # (P, T) distance to the start
     after = np.clip(t[None, :] - ends[:, None], 0.0, None)
     out = np.empty((num_frames, len(PARAMS)), dtype=np.float64)
+    inside = (before == 0) & (after == 0)
     for j in range(len(PARAMS)):
         d = np.exp(-before / settings.tau_before[j] - after / settings.tau_after[j])
-        d *= dom[:, j : j + 1]
+        a = dom[:, j : j + 1]
+        d *= np.where(inside, a, np.minimum(a, settings.max_outside))
         value = (d * tgt[:, j : j + 1]).sum(0) / np.maximum(d.sum(0), 1e-12)
         out[:, j] = value.reshape(num_frames, steps_per_frame).mean(1)
     out[:, 0] *= open_gain

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from lipsync.data.synth.faces import (
@@ -73,6 +74,8 @@ from lipsync.data.synth.tts import (
 )
 from lipsync.data.synth.visemes import viseme_track
 from lipsync.errors import ConfigError, MediaError
+from lipsync.media import VideoWriter
+from lipsync.media.timeline import pingpong_indices
 
 __all__ = [
     "GENERATOR",
@@ -315,8 +318,6 @@ def _footage(root: Path, source: FaceSource) -> Footage:
 
 def render_clip_frames(plan: ClipPlan, footage: Footage, track: np.ndarray, size: int):
     """Yield the clip's frames (size, size, 3) uint8, one per row of ``track``."""
-    from lipsync.media.timeline import pingpong_indices
-
     n = len(track)
     src = pingpong_indices(footage.num_frames, plan.start_frame + n)[plan.start_frame :]
     renderer = MouthRenderer(footage, size)
@@ -375,8 +376,6 @@ def generate_clip(
 ) -> dict[str, Any]:
     """Synthesise, render and write one clip (mp4, then sidecar); returns its corpus line plus
     timing (``cpu_s``, ``wall_s``)."""
-    from lipsync.media import VideoWriter
-
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     labels = clip_labels(plan)
     frames, duration, audio, track = labels.frames, labels.duration, labels.audio, labels.track
@@ -554,10 +553,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(sources_root: str, sources: list[FaceSource], clips_dir: str, options) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import cv2
-
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(1)  # parallelism is across clips: one thread per worker for OpenCV
     _WORKER.update(
         sources_root=Path(sources_root),
         sources={s.key: s for s in sources},

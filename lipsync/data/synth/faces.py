@@ -46,6 +46,8 @@ import cv2
 import numpy as np
 
 from lipsync.errors import ConfigError, MediaError, one_line
+from lipsync.face.detect import MediaPipeDetector
+from lipsync.media import iter_frames
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -358,9 +360,6 @@ def _detect(
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Landmarks of the longest run of frames with a face: ``(landmarks (N, 468, 2), source frame
     numbers (N,), (width, height))``. Raises :class:`MediaError` when there is no usable face."""
-    from lipsync.face.detect import MediaPipeDetector
-    from lipsync.media import iter_frames
-
     if source.kind == "image":
         image = _read_image(source.path)
         with MediaPipeDetector(max_num_faces=1, static_image_mode=True) as det:
@@ -433,8 +432,6 @@ def build_footage(
     final = cache_root / _cache_name(source)
     if (final / "meta.json").is_file():
         return final
-    from lipsync.media import iter_frames
-
     lm_src, frame_numbers, (width, height) = _detect(source, max_seconds)
     # the base crop: side 2 x face height, centred 0.12 side below the face centre
     face_h = float(np.median(lm_src[:, :, 1].max(1) - lm_src[:, :, 1].min(1)))

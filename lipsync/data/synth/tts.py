@@ -56,6 +56,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 
+import av
 import numpy as np
 
 from lipsync.errors import ConfigError
@@ -351,8 +352,6 @@ def resample(
 ) -> np.ndarray:
     """int16 (or float in [-1, 1]) mono ``samples`` -> float32 at ``rate_out`` with libswresample
     (no delay: times in seconds are preserved). Output length ``round(n * rate_out / rate_in)``."""
-    import av
-
     x = np.asarray(samples)
     if x.dtype != np.int16:
         x = np.clip(np.round(np.asarray(x, np.float64) * 32767.0), -32768, 32767).astype(np.int16)

@@ -5,8 +5,11 @@ audio aligned, deterministic, resumable)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -241,15 +244,20 @@ def _mouth_opening(frames: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
+def _cli(out: Path, *extra: str) -> list[str]:
+    cmd = [sys.executable, "-m", "lipsync.cli", "data", "synth", str(out), "--base", str(DEMO)]
+    for key, value in OPTIONS.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    return cmd + list(extra)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A 3-clip corpus made by the command line (2 worker processes)."""
     out = tmp_path_factory.mktemp("synth") / "corpus"
-    cmd = [sys.executable, "-m", "lipsync.cli", "data", "synth", str(out), "--workers", "2"]
-    cmd += ["--base", str(DEMO)]
-    for key, value in OPTIONS.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        _cli(out, "--workers", "2"), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["generated"] == CLIPS and report["frames_per_s"] > 0
@@ -343,18 +351,38 @@ def test_audio_in_the_mp4_is_aligned_with_the_labels(corpus):
             assert level > 0.01, p
 
 
-def test_same_seed_same_clips_with_one_worker_and_resume(corpus, tmp_path):
+def test_killed_run_resumes_to_the_same_clips_with_one_worker(corpus, tmp_path):
     from lipsync.media import read_frames
 
     again = tmp_path / "again"
+    # SIGKILL a one-worker run as soon as its first clip is finished
+    proc = subprocess.Popen(
+        _cli(again, "--workers", "1"),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not (again / "clips" / "syn-000000.json").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended early"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = sorted(p.name for p in (again / "clips").glob("syn-*.json"))
+    assert 1 <= len(done) < CLIPS
     summary = run_synth(SynthOptions(out=again, base=(DEMO,), workers=1, **OPTIONS))
-    assert summary.generated == CLIPS and summary.frames_generated > 0
+    assert (summary.generated, summary.skipped) == (CLIPS - len(done), len(done))
+    assert not list((again / "clips").glob(".*"))  # no temporary file left behind
+    # same seed: the same sidecars and decoded frames as the 2-worker run
     assert _sidecars(again) == _sidecars(corpus)
     for s in _sidecars(corpus):
         a = read_frames(corpus / "clips" / f"{s['id']}.mp4")
         b = read_frames(again / "clips" / f"{s['id']}.mp4")
         assert np.array_equal(a, b), s["id"]
-    # resume: a killed run leaves a clip without sidecar (and maybe a stale mp4)
+    # a clip whose sidecar is missing (killed between mp4 and sidecar) is made again
     (again / "clips" / "syn-000001.json").unlink()
     (again / "clips" / "syn-000001.mp4").write_bytes(b"partial")
     meta = again / "sources" / "demo1" / "meta.json"

@@ -24,15 +24,19 @@ one identity every split uses it (``splits.json`` says ``"identity_split": false
 
 Resuming: a clip is done when its sidecar exists. The mp4 is written to a temporary file and
 renamed, then the sidecar likewise, so a killed run leaves at most a finished mp4 without
-sidecar, which the next run rewrites.
+sidecar, which the next run rewrites, and temporary files, which the next run deletes. A lock
+(``OUT/.synth.lock``, ``flock``) keeps two runs from writing one folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import multiprocessing
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -591,6 +595,34 @@ def run_synth(
         raise ConfigError(f"--resolution must be an even number >= 64, got {options.resolution}")
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _run_locked(options, on_start, on_clip, on_status)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold ``OUT/.synth.lock`` (released by the kernel even on SIGKILL) and remove what a
+    killed run left half-written: temporary mp4 / JSON files and footage cache folders."""
+    with open(out / ".synth.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another 'lipsync data synth' is writing {out}") from None
+        for pattern in ("clips/.*.partial.*", "clips/.*.tmp", ".*.tmp"):
+            for junk in out.glob(pattern):
+                junk.unlink(missing_ok=True)
+        for junk in out.glob("sources/.tmp-*"):
+            shutil.rmtree(junk, ignore_errors=True)
+        yield
+
+
+def _run_locked(
+    options: SynthOptions,
+    on_start: Callable[[int, int], None] | None,
+    on_clip: Callable[[dict[str, Any]], None] | None,
+    on_status: Callable[[str], None] | None,
+) -> SynthSummary:
+    out = options.out
     sources_root, clips_dir = out / "sources", out / "clips"
     clips_dir.mkdir(exist_ok=True)
     sources = discover_sources(list(options.base), options.faces)

@@ -311,13 +311,14 @@ def _phones_record(speech, lead: int, total_s: float) -> list[dict[str, Any]]:
     return out
 
 
-_FOOTAGE: dict[str, Footage] = {}
+_FOOTAGE: dict[str, Footage] = {}  # per process: cache folder -> opened footage
 
 
 def _footage(root: Path, source: FaceSource) -> Footage:
-    if source.key not in _FOOTAGE:
-        _FOOTAGE[source.key] = load_footage(root, source)
-    return _FOOTAGE[source.key]
+    key = str(root.resolve())
+    if key not in _FOOTAGE:
+        _FOOTAGE[key] = load_footage(root, source)
+    return _FOOTAGE[key]
 
 
 def render_clip_frames(plan: ClipPlan, footage: Footage, track: np.ndarray, size: int):

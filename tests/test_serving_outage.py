@@ -55,7 +55,7 @@ def stack(pg, tmp_path_factory):
     s.close()
 
 
-def long_job(stack, client, steps: int = 8) -> dict:
+def long_job(stack, client, steps: int = 4) -> dict:
     """A job that runs for several seconds, once it is past its first chunk."""
     job = submit(client, stack.media.long_video, stack.media.long_audio, steps=steps).json()
 
@@ -147,3 +147,77 @@ def test_outage_during_a_busy_and_an_idle_worker_loses_and_repeats_nothing(
     assert "registering again" not in logs
     if seconds >= 5:
         assert "database unreachable" in logs and "database reachable again" in logs
+
+
+def test_a_worker_that_cannot_get_the_database_back_exits_and_its_job_is_recovered(
+    pg, serving_media, tmp_path
+):
+    """Past LIPSYNC_DB_OUTAGE_LIMIT_S (3 s here) a worker gives up: exit code 3 and one line,
+    no zombie. Its job is recovered by the next worker's sweep once the database is back
+    (counted as a lost worker), and its scratch folder is removed by that worker."""
+    s = Stack(pg, "outage_give_up", tmp_path, LIPSYNC_DB_OUTAGE_LIMIT_S="3")
+    try:
+        s.start_api()
+        quitter = Probed(s)
+        s.wait_api()
+        s.wait_workers()
+        s.media = serving_media
+        with s.client(s.create_key("patient")) as c:
+            row = long_job(s, c)
+            (scratch,) = tmp_path.glob("lipsync-worker-*")
+            assert list(scratch.glob("job-*")), "the job's files are in the worker's folder"
+            t0 = time.monotonic()
+            pg.halt()
+            code = quitter.proc.popen.wait(timeout=60)
+            gave_up_after = time.monotonic() - t0
+            pg.resume()
+            s.workers.remove(quitter.proc)
+            print(f"worker exited {code} after {gave_up_after:.1f} s without the database")
+            assert code == 3, quitter.proc.tail()
+            assert "the database has been unreachable for" in quitter.proc.tail()
+            assert scratch.exists()  # a killed process cannot clean up after itself
+            Probed(s)  # its replacement
+            done = s.wait_status(row["id"], ("succeeded", "failed"), timeout=120)
+            assert done["status"] == "succeeded", done
+            assert done["attempts"] == 2 and done["failures"] == 1, done
+            assert [e["event"] for e in done["history"]].count("worker_lost") == 1
+            assert c.get(f"/v1/jobs/{row['id']}").json()["status"] == "succeeded"
+        assert not scratch.exists(), "the replacement removed the dead worker's scratch folder"
+        s.wait_queue_status(row["id"], "succeeded")
+    finally:
+        s.close()
+
+
+def test_a_job_whose_queue_entry_ended_under_it_is_put_back(stack, serving_media):
+    """The state issue #20 found after a 20-30 s outage (the row ``running`` with its lease,
+    its queue entry ``failed``: nothing would ever run it), and a ``queued`` row whose entry
+    ended: the sweep gives each a new queue entry, and they complete."""
+    with stack.client(stack.create_key("orphans")) as c:
+        ids = [submit(c, serving_media.video, serving_media.audio, steps=1).json()["id"]
+               for _ in range(2)]  # fmt: skip
+        for job_id in ids:
+            stack.wait_status(job_id, "succeeded")
+            stack.wait_queue_status(job_id, "succeeded")
+        running, queued = ids
+        old = {j: stack.job_row(j)["queue_job_id"] for j in ids}
+        stack.query(
+            "UPDATE lipsync_jobs SET status = 'running', lease = 'lost', result_key = NULL, "
+            "finished_at = NULL WHERE id = %s RETURNING id", running,
+        )  # fmt: skip
+        stack.query(
+            "UPDATE procrastinate_jobs SET status = 'failed' WHERE id = %s RETURNING id",
+            old[running],
+        )
+        stack.query(
+            "UPDATE lipsync_jobs SET status = 'queued', lease = NULL, result_key = NULL, "
+            "finished_at = NULL WHERE id = %s RETURNING id", queued,
+        )  # fmt: skip
+        rows = {j: stack.wait_status(j, "succeeded", timeout=60) for j in ids}
+        for job_id, row in rows.items():
+            assert row["queue_job_id"] != old[job_id]
+            events = [e for e in row["history"] if e["event"] == "requeued"]
+            assert len(events) == 1 and events[0]["error_kind"] == "outcome_lost", row
+            assert c.get(f"/v1/jobs/{job_id}/result").status_code == 200
+            stack.wait_queue_status(job_id, "succeeded")
+        assert (rows[running]["attempts"], rows[running]["failures"]) == (2, 1)
+        assert (rows[queued]["attempts"], rows[queued]["failures"]) == (2, 0)

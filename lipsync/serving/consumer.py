@@ -68,6 +68,11 @@ def check_settings(settings) -> None:
             "a live worker must be able to heartbeat again after a database outage before "
             "the others take it for dead"
         )
+    if settings.db_outage_limit_s <= settings.heartbeat_s + settings.db_retry_max_s:
+        raise ConfigError(
+            f"db_outage_limit_s ({settings.db_outage_limit_s:g}) must exceed heartbeat_s + "
+            "db_retry_max_s: a worker gives up when no heartbeat went through for that long"
+        )
 
 
 class Consumer:
@@ -116,7 +121,22 @@ class Consumer:
         limit = max(60.0, 3 * self.settings.db_timeout_s)
         if stuck > limit:
             return False, f"the worker loop has not turned for {stuck:.0f} s"
+        silent = time.monotonic() - self.last_beat
+        if silent > self.settings.db_outage_limit_s:
+            return False, f"no heartbeat for {silent:.0f} s"
         return True, "ok"
+
+    def _watchdog(self) -> None:
+        """Give up (exit code 3) when the database has been away, or this worker's heartbeat
+        has not gone through, for ``db_outage_limit_s``: a worker that cannot register is of
+        no use, and its job is recovered by the others."""
+        self.health.check_limit()
+        silent = time.monotonic() - self.last_beat
+        if not self.health.down and silent > self.settings.db_outage_limit_s:
+            raise outage.DatabaseUnavailable(
+                f"no heartbeat has gone through for {silent:.0f} s "
+                f"(limit {self.settings.db_outage_limit_s:.0f} s)"
+            )
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -161,10 +181,11 @@ class Consumer:
                 if not is_outage(exc):
                     raise
                 self.health.failed(exc, "fetch")
-                self.health.check_limit()
+                self._watchdog()
                 self.stop_requested.wait(next(waits))
                 continue
             self.health.ok()
+            self._watchdog()
             waits = outage.delays(self.settings)
             if job is None:
                 self.wake.wait(self.settings.poll_interval_s)
@@ -206,8 +227,7 @@ class Consumer:
                 if now >= grace_ends:
                     log.info("grace period over: releasing the running job")
                     self.release.set()
-            if self.health.down:
-                self.health.check_limit()  # gives up on the job: the sweep recovers it
+            self._watchdog()  # gives up on the job too: the others' sweep recovers it
         self.current = None
         if failure:
             raise failure[0]

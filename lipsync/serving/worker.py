@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -417,7 +418,19 @@ def run_worker(settings) -> None:
         probes.serve(settings.host, settings.worker_metrics_port, loop.alive, loop.ready)
     try:
         loop.run()
+    except outage.DatabaseUnavailable as exc:
+        _give_up(exc)
     finally:
         executor.close()
         work.close()
     log.info("worker stopped")
+
+
+def _give_up(exc: outage.DatabaseUnavailable) -> None:
+    """Exit with code 3 at once: a job thread may still be inside native code (torch,
+    MediaPipe), which the interpreter's normal shutdown would abort on."""
+    log.error("giving up: %s", exc)
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(exc.exit_code)

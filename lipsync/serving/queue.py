@@ -102,6 +102,15 @@ class Decision:
     retry_in_s: float | None  # None: fail now
     options: dict | None = None  # new job options for the next attempt
 
+    def outcome(self) -> Outcome:
+        """The attempt's :class:`Outcome`: another try, or the end."""
+        if self.retry_in_s is None:
+            return Outcome("failed", kind=self.error_kind, reason=self.reason)
+        return Outcome(
+            "retry", kind=self.error_kind, reason=self.reason, retry_in_s=self.retry_in_s,
+            options=self.options,
+        )  # fmt: skip
+
 
 def decide(settings, exc: BaseException, row: dict) -> Decision:
     """What to do after attempt ``row['attempts']`` raised ``exc`` (module docstring)."""

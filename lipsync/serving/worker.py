@@ -238,7 +238,7 @@ class JobExecutor:
                 raise
             except Exception as exc:
                 decision = self._decide(exc, row)
-                outcome = _as_outcome(decision)
+                outcome = decision.outcome()
                 if decision.kind == "oom":
                     _free_gpu_memory()
             written = None
@@ -363,15 +363,6 @@ class JobExecutor:
         back = wait(self.settings.triton_wait_s, attempt.stopping)
         log.info("model server %s after %.1f s", "is back" if back else "still unreachable",
                  time.monotonic() - t0)  # fmt: skip
-
-
-def _as_outcome(decision: queue.Decision) -> queue.Outcome:
-    if decision.retry_in_s is None:
-        return queue.Outcome("failed", kind=decision.error_kind, reason=decision.reason)
-    return queue.Outcome(
-        "retry", kind=decision.error_kind, reason=decision.reason,
-        retry_in_s=decision.retry_in_s, options=decision.options,
-    )  # fmt: skip
 
 
 def _free_gpu_memory() -> None:

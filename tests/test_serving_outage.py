@@ -30,6 +30,31 @@ def pg():
     server.stop()
 
 
+def test_a_connection_that_died_while_idle_is_replaced_at_once(pg):
+    """After PostgreSQL restarted, a worker's idle connection fails on its next use: that is
+    not an outage, and the call goes through on a fresh connection; while the server is down
+    it is one (the caller waits and tries again, lipsync.serving.outage)."""
+    import psycopg
+
+    from lipsync.serving import db
+
+    url = pg.create_database("outage_link")
+    link = db.Link(url, timeout_s=2)
+    pid = link.run(lambda c: c.execute("SELECT pg_backend_pid() AS p").fetchone()["p"])
+    pg.halt()
+    with pytest.raises(psycopg.OperationalError):
+        link.run(lambda c: c.execute("SELECT 1"))
+    pg.resume()
+    assert link.run(lambda c: c.execute("SELECT 1 AS one").fetchone()["one"]) == 1
+    # a connection opened before a restart, used after it
+    old = link.connection()
+    pg.halt()
+    pg.resume()
+    again = link.run(lambda c: c.execute("SELECT pg_backend_pid() AS p").fetchone()["p"])
+    assert link.connection() is not old and again != pid and link.fresh
+    link.close()
+
+
 class Probed:
     """A worker with its probes / metrics port."""
 

@@ -95,6 +95,7 @@ class Consumer:
         self.worker_id: int | None = None
         self.last_beat = 0.0
         self.current: int | None = None  # the queue entry being run
+        self._unsure = False  # a fetch failed: it may have taken a job we never saw
         self._registration = threading.Lock()
         self.stop_requested = threading.Event()
         self.release = threading.Event()
@@ -194,12 +195,28 @@ class Consumer:
             self._process(job)
 
     def _fetch(self) -> dict | None:
+        if self._unsure:
+            self.main_link.run(self._release_unseen)
+            self._unsure = False
         try:
-            with self.main_link.transaction() as conn:
-                return db.fetch_job(conn, self.settings.queue, self.worker_id)
+            self._unsure = True
+            job = self.main_link.run(lambda c: db.fetch_job(c, self.settings.queue, self.worker_id))
         except psycopg.errors.ForeignKeyViolation:  # pruned since the last heartbeat
+            self._unsure = False
             self._beat()
             return None
+        self._unsure = False
+        return job
+
+    def _release_unseen(self, conn) -> None:
+        """After a fetch whose answer was lost with the connection: a queue entry it may have
+        taken for this worker, which this worker never saw, goes back to the queue (else it
+        would stay ``doing`` on a live worker, that nobody takes for dead)."""
+        for queue_job_id in db.own_running_jobs(conn, self.worker_id):
+            if queue_job_id != self.current:
+                db.queue_retry(conn, queue_job_id, 0)
+                log.warning("queue entry %s was taken by a fetch whose answer was lost; "
+                            "put back", queue_job_id)  # fmt: skip
 
     def _process(self, job: dict) -> None:
         job_id = str((job["args"] or {}).get("job_id"))
@@ -235,29 +252,32 @@ class Consumer:
     # -- registration ------------------------------------------------------------------------
 
     def _register(self) -> None:
-        with self._registration, self.main_link.transaction() as conn:
+        with self._registration:
             if self.worker_id is None:
-                self.worker_id = db.register_worker(conn)
+                self.worker_id = self.main_link.run(db.register_worker)
                 self.last_beat = time.monotonic()
         metrics.WORKER_REGISTERED.set(1)
 
     def _beat(self) -> None:
+        with self._registration:
+            self.beat_link.run(self._beat_in)
+
+    def _beat_in(self, conn) -> None:
         """Refresh the heartbeat; register again if the registration was pruned."""
-        with self._registration, self.beat_link.transaction() as conn:
-            if self.worker_id is not None and db.heartbeat(conn, self.worker_id):
-                self.last_beat = time.monotonic()
-                return
-            log.warning(
-                "this worker was declared stalled (no heartbeat for %.1f s) and unregistered; "
-                "registering again", self.settings.stalled_after_s,
-                extra={"worker": self.name, "worker_id": self.worker_id},
-            )  # fmt: skip
-            self.worker_id = db.register_worker(conn)
+        if self.worker_id is not None and db.heartbeat(conn, self.worker_id):
             self.last_beat = time.monotonic()
-            current = self.current
-            if current is not None and not db.attach_job(conn, current, self.worker_id):
-                log.warning("the running job was given to another worker meanwhile; its "
-                            "result will not be published from here")  # fmt: skip
+            return
+        log.warning(
+            "this worker was declared stalled (no heartbeat for %.1f s) and unregistered; "
+            "registering again", self.settings.stalled_after_s,
+            extra={"worker": self.name, "worker_id": self.worker_id},
+        )  # fmt: skip
+        self.worker_id = db.register_worker(conn)
+        self.last_beat = time.monotonic()
+        current = self.current
+        if current is not None and not db.attach_job(conn, current, self.worker_id):
+            log.warning("the running job was given to another worker meanwhile; its "
+                        "result will not be published from here")  # fmt: skip
 
     def _unregister(self) -> None:
         if self.worker_id is None:
@@ -277,7 +297,14 @@ class Consumer:
         pause = every_s
         while not self.done.wait(pause):
             try:
-                step()
+                link.fresh = False
+                try:
+                    step()
+                except Exception as exc:
+                    if link.fresh or not is_outage(exc):
+                        raise
+                    link.close()  # it died while idle: once more on a fresh connection
+                    step()
             except Exception as exc:
                 link.close()
                 if is_outage(exc):

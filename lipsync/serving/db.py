@@ -25,16 +25,18 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from procrastinate.sql import queries as pq
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+
+T = TypeVar("T")
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -137,12 +139,14 @@ class Link:
         self.url = url
         self.timeout_s = timeout_s
         self.name = name
+        self.fresh = False  # the current connection was opened by the current call
         self._conn: psycopg.Connection | None = None
 
     def connection(self) -> psycopg.Connection:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             self.close()
+            self.fresh = True
             conn = psycopg.connect(
                 self.url, autocommit=True, row_factory=dict_row,
                 connect_timeout=max(1, round(self.timeout_s)), application_name=self.name[:63],
@@ -161,6 +165,20 @@ class Link:
         except (psycopg.OperationalError, psycopg.InterfaceError):
             self.close()
             raise
+
+    def run(self, fn: Callable[[psycopg.Connection], T]) -> T:
+        """``fn(conn)`` in one transaction. A connection that died while it sat idle (the
+        server restarted since its last use) is only found out when used: then ``fn`` runs
+        once more on a fresh one before the failure counts."""
+        self.fresh = False
+        try:
+            with self.transaction() as conn:
+                return fn(conn)
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            if self.fresh:
+                raise
+        with self.transaction() as conn:
+            return fn(conn)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -587,6 +605,15 @@ def fetch_job(conn: psycopg.Connection, queue: str, worker_id: int) -> dict | No
     """Take the next runnable queue entry (``FOR UPDATE SKIP LOCKED``), or None."""
     row = conn.execute(pq["fetch_job"], {"queues": [queue], "worker_id": worker_id}).fetchone()
     return row if row and row["id"] is not None else None
+
+
+def own_running_jobs(conn: psycopg.Connection, worker_id: int) -> list[int]:
+    """Queue entries ``doing`` on this worker (registration ``worker_id``)."""
+    rows = conn.execute(
+        "SELECT id FROM procrastinate_jobs WHERE worker_id = %s AND status = 'doing'",
+        (worker_id,),
+    )
+    return [r["id"] for r in rows.fetchall()]
 
 
 def stalled_jobs(

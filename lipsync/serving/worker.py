@@ -184,11 +184,7 @@ class JobExecutor:
     def _db(self, what: str, fn):
         """``fn(conn)`` in one transaction, tried again through database outages."""
 
-        def once():
-            with self.link.transaction() as conn:
-                return fn(conn)
-
-        return outage.retry(once, self.health, what)
+        return outage.retry(lambda: self.link.run(fn), self.health, what)
 
     def write_progress(self, job_id: str, lease: str, fraction: float, stage: str):
         """The row's ``{cancel_requested}``, None when the lease is lost, False when the
@@ -196,8 +192,7 @@ class JobExecutor:
         if self.health.down:
             return False
         try:
-            with self.link.transaction() as conn:
-                row = db.update_progress(conn, job_id, lease, fraction, stage)
+            row = self.link.run(lambda c: db.update_progress(c, job_id, lease, fraction, stage))
         except Exception as exc:
             if not outage.is_outage(exc):
                 raise

@@ -290,7 +290,11 @@ def endless_chunked_upload(port: int, headers: dict, offer: int) -> tuple[int, d
         pending = pending[n:]
         sent += n
     sock.setblocking(True)
-    sock.settimeout(30)
+    sock.settimeout(120)
+    if sent >= offer:  # all of it went through: end the body properly and wait for the answer
+        end = f"\r\n--{BOUNDARY}--\r\n".encode()
+        with contextlib.suppress(OSError):
+            sock.sendall(pending + b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
     data = b""
     with contextlib.suppress(ConnectionResetError):
         while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(

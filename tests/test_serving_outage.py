@@ -122,7 +122,7 @@ def outage(stack, pg, seconds: float, during=None) -> float:
 
 
 @pytest.mark.parametrize("seconds", [SHORT_OUTAGE_S, LONG_OUTAGE_S], ids=["short", "long"])
-def test_outage_during_a_busy_and_an_idle_worker_loses_and_repeats_nothing(
+def test_outage_during_a_busy_and_an_idle_worker_loses_repeats_and_strands_nothing(
     stack, pg, serving_media, seconds
 ):
     stack.media = serving_media
@@ -160,7 +160,10 @@ def test_outage_during_a_busy_and_an_idle_worker_loses_and_repeats_nothing(
             assert p.proc.alive(), p.proc.tail()
         wait_until(lambda: busy.probe("/readyz") == 200 and idle.probe("/readyz") == 200,
                    15, 0.1, "both workers to be ready again")  # fmt: skip
-        assert registered(stack) == before
+        assert registered(stack) == before  # no zombie: alive and still registered
+        for p in (busy, idle):
+            text = httpx.get(f"http://127.0.0.1:{p.port}/metrics", timeout=5).text
+            assert "lipsync_worker_registered 1.0" in text and "lipsync_database_up 1.0" in text
         after = [submit(c, serving_media.video, serving_media.audio, steps=1).json()["id"]
                  for _ in range(4)]  # fmt: skip
         rows = [stack.wait_status(j, ("succeeded", "failed"), timeout=90) for j in after]

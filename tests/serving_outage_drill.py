@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -202,6 +203,7 @@ def main() -> None:
     finally:
         stack.close()
         pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     text = json.dumps(summary, indent=2, default=str)
     print(text)
     if args.out:

@@ -250,3 +250,27 @@ def test_worker_probes_answer_json_with_a_code():
     assert get("/healthz") == ("200", b'{"status": "ok"}')
     status, body = get("/metrics")
     assert status == "200" and b"lipsync_database_up" in body
+
+
+def test_worker_readiness_and_liveness_follow_registration_and_the_database():
+    import psycopg
+
+    from lipsync.serving.consumer import Consumer
+
+    s = ServeSettings(database_url="postgresql://nobody@127.0.0.1:9/none", db_outage_limit_s=60)
+    health = outage.Health(s)
+    c = Consumer(s, lambda attempt: None, "w", health)  # connects to nothing yet
+    assert c.ready() == (False, "not registered") and c.alive() == (True, "registering")
+    c.worker_id, c.last_beat = 7, time.monotonic()
+    assert c.ready() == (True, "ready") and c.alive() == (True, "ok")
+    health.failed(psycopg.OperationalError("connection refused"), "heartbeat")
+    assert c.ready()[0] is False and "database unreachable" in c.ready()[1]
+    health.ok()
+    c.last_beat -= 31  # older than stalled_after_s (30): the others may take it for dead
+    assert c.ready() == (False, "no heartbeat for 31 s") and c.alive()[0]
+    c.last_beat -= 30  # and past db_outage_limit_s: Kubernetes restarts it
+    assert c.alive() == (False, "no heartbeat for 61 s")
+    c.last_beat, c.tick = time.monotonic(), time.monotonic() - 61
+    assert c.alive()[0] is False and "has not turned" in c.alive()[1]
+    c.stop_requested.set()
+    assert c.ready() == (False, "stopping")

@@ -118,6 +118,8 @@ class Consumer:
         return True, "ready"
 
     def alive(self) -> tuple[bool, str]:
+        if self.worker_id is None:  # registering (through an outage, up to its limit)
+            return True, "registering"
         stuck = time.monotonic() - self.tick
         limit = max(60.0, 3 * self.settings.db_timeout_s)
         if stuck > limit:

@@ -104,7 +104,11 @@ class PostgresServer:
         proc = subprocess.run(initdb, capture_output=True, text=True, **self.user_kwargs)
         if proc.returncode:
             pytest.fail(f"initdb failed: {proc.stderr[-2000:]}")
-        log = open(self.log, "w")  # noqa: SIM115 - closed with the server
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server (again, after :meth:`halt`) on the same port and data."""
+        log = open(self.log, "a")  # noqa: SIM115 - closed with the server
         if self.user_kwargs:
             os.chown(self.log, self.user_kwargs["user"], self.user_kwargs["group"])
         self.proc = subprocess.Popen(
@@ -130,6 +134,17 @@ class PostgresServer:
 
         wait_until(ready, 30, 0.1, "PostgreSQL to accept connections")
 
+    def halt(self) -> None:
+        """Stop the server as an operator would (``pg_ctl stop -m fast``: SIGINT), keeping its
+        data: every connection is cut and new ones are refused until :meth:`resume`."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
     def url(self, dbname: str) -> str:
         return f"postgresql://lipsync@127.0.0.1:{self.port}/{dbname}"
 
@@ -142,13 +157,7 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.halt()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -296,6 +305,9 @@ FAST_QUEUE_ENV = {
     "LIPSYNC_SHUTDOWN_GRACE_S": "0",
     "LIPSYNC_FACE_CHECK_FRAMES": "3",
     "LIPSYNC_WORKER_METRICS_PORT": "0",
+    "LIPSYNC_DB_TIMEOUT_S": "2",
+    "LIPSYNC_DB_RETRY_S": "0.2",
+    "LIPSYNC_DB_RETRY_MAX_S": "1",
 }
 
 

@@ -577,7 +577,7 @@ def test_every_probe_uses_a_declared_container_port(name):
 def test_each_service_process_has_probes_and_the_right_command():
     expected = {
         "lipsync-api": ("api", {"/healthz", "/readyz"}),
-        "lipsync-worker": ("worker", {"/metrics"}),
+        "lipsync-worker": ("worker", {"/healthz", "/readyz"}),
         "lipsync-triton": ("triton", {"/v2/health/live", "/v2/models/lipsync/ready"}),
     }
     for name, (process, paths) in expected.items():
@@ -591,6 +591,34 @@ def test_each_service_process_has_probes_and_the_right_command():
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     (api,) = pod_spec(find("Deployment", "lipsync-api"))["containers"]
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # a worker that is not registered (or cannot reach the database) is not ready; one whose
+    # loop stopped or whose heartbeat has not gone through for too long fails liveness
+    (worker,) = pod_spec(find("Deployment", "lipsync-worker"))["containers"]
+    assert worker["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert worker["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # ... and Prometheus keeps scraping it meanwhile
+    assert find("Service", "lipsync-worker-metrics")["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_ingress_and_api_enforce_the_same_body_limit():
+    """The Ingress refuses bodies over the API's own limit (upload limit + form overhead), and
+    streams bodies to the API (which checks the key before reading) instead of spooling them."""
+    from lipsync.serving.api.limits import FORM_OVERHEAD
+    from lipsync.serving.settings import ServeSettings
+
+    (ingress,) = of_kind("Ingress")
+    notes = ingress["metadata"]["annotations"]
+    size = notes["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert size.endswith("m"), size  # nginx: m = MiB
+    settings = ServeSettings.from_env({**config_data(), "DATABASE_URL": "postgresql://x@db/l"})
+    assert int(size[:-1]) * 2**20 == settings.max_upload_bytes + FORM_OVERHEAD
+    assert notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
+    (rule,) = ingress["spec"]["rules"]
+    for path in rule["http"]["paths"]:
+        backend = path["backend"]["service"]
+        svc = find("Service", backend["name"])
+        assert backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+        assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "api"
 
 
 def test_triton_requests_exactly_one_gpu_and_nobody_else_does():

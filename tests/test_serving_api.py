@@ -4,10 +4,18 @@ idempotency, the key CLI, health / readiness / metrics and the published OpenAPI
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import select
+import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import pytest
 from serving_fixtures import REPO, Stack, submit
 
@@ -222,6 +230,168 @@ def test_request_over_the_size_limit_is_refused_before_reading_it(stack):
             headers={"Content-Type": "multipart/form-data; boundary=zzz"},
         )
     assert r.status_code == 413 and r.json()["code"] == "too_large"
+
+
+BOUNDARY = "lipsyncboundary"
+
+
+def part_head(name: str, filename: str, ctype: str = "video/mp4") -> bytes:
+    return (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; '
+        f'filename="{filename}"\r\nContent-Type: {ctype}\r\n\r\n'
+    ).encode()
+
+
+def body_bytes_read(stack) -> float:
+    """The API's count of request-body bytes it has read from clients."""
+    text = httpx.get(stack.url + "/metrics", timeout=10).text
+    line = next(x for x in text.splitlines()
+                if x.startswith("lipsync_http_request_body_bytes_total "))  # fmt: skip
+    return float(line.split()[1])
+
+
+def process_io(pid: int) -> dict[str, int]:
+    """The kernel's I/O counters of a process (/proc/<pid>/io, every thread): ``wchar`` is
+    every byte passed to write() -- files, its log, pipes; not sockets --, an upper bound on
+    what it can have spooled to disk."""
+    fields = Path(f"/proc/{pid}/io").read_text().split()
+    return {k.rstrip(":"): int(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
+
+
+def endless_chunked_upload(port: int, headers: dict, offer: int) -> tuple[int, dict, int]:
+    """POST /v1/jobs with ``Transfer-Encoding: chunked`` and no Content-Length, streaming a
+    video part of up to ``offer`` bytes, as fast as the server takes them, and stopping as
+    soon as it answers (or closes). Returns (status, JSON body, payload bytes handed to the
+    socket)."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(
+        f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n{head}\r\n".encode()
+    )
+    first = part_head("video", "big.mp4")
+    sock.sendall(b"%x\r\n%s\r\n" % (len(first), first))
+    block = os.urandom(64 * 1024)
+    chunk = b"%x\r\n%s\r\n" % (len(block), block)
+    sent, pending = 0, b""
+    sock.setblocking(False)
+    while sent < offer:
+        readable, writable, _ = select.select([sock], [sock], [], 10)
+        if readable:
+            break  # an answer (or the connection closed): stop sending
+        if not writable:
+            break
+        if not pending:
+            pending = chunk
+        try:
+            n = sock.send(pending)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        pending = pending[n:]
+        sent += n
+    sock.setblocking(True)
+    sock.settimeout(120)
+    if sent >= offer:  # all of it went through: end the body properly and wait for the answer
+        end = f"\r\n--{BOUNDARY}--\r\n".encode()
+        with contextlib.suppress(OSError):
+            sock.sendall(pending + b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+            re.search(rb"content-length: (\d+)", data.lower()).group(1)
+        ):
+            more = sock.recv(65536)
+            if not more:
+                break
+            data += more
+    sock.close()
+    status = int(data.split(b" ", 2)[1])
+    body = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    return status, body, sent
+
+
+@pytest.mark.parametrize("with_key", [True, False], ids=["valid-key", "invalid-key"])
+def test_chunked_oversize_upload_is_cut_at_the_limit_and_never_spooled_beyond_it(stack, with_key):
+    """Without Content-Length the body is counted as it streams: 64 MiB offered against a
+    2 MiB limit. A valid key: refused (413) once 2 MiB of video were read, with at most that
+    on disk. An invalid key: refused (401) before a byte of the body is read."""
+    offer = 64 * 1024 * 1024
+    key = stack.create_key("chunky") if with_key else "lsk_not-a-real-key"
+    read_before = body_bytes_read(stack)
+    io_before = process_io(stack.api.pid)
+    status, body, sent = endless_chunked_upload(
+        stack.api_port, {"Authorization": f"Bearer {key}"}, offer
+    )
+    io_after = process_io(stack.api.pid)
+    read = body_bytes_read(stack) - read_before
+    written = io_after["wchar"] - io_before["wchar"]
+    print(f"key {'valid' if with_key else 'invalid'}: {status} {body['code']}; client sent "
+          f"{sent / 2**20:.2f} MiB of {offer / 2**20:.0f}; API read {read / 2**20:.2f} MiB "
+          f"of body, wrote {written / 2**20:.2f} MiB to files")  # fmt: skip
+    if with_key:
+        assert (status, body["code"]) == (413, "too_large")
+        assert MAX_UPLOAD < read <= MAX_UPLOAD + 256 * 1024
+        # everything the API wrote to any file (the video so far, its log lines)
+        assert written <= MAX_UPLOAD + 64 * 1024
+    else:
+        assert (status, body["code"]) == (401, "unauthorized")
+        assert read == 0
+        assert written <= 64 * 1024  # its log lines: nothing spooled
+    # the server stopped reading: what got through is socket buffers, not the 64 MiB
+    assert sent < MAX_UPLOAD + 16 * 1024 * 1024
+    assert not [p for p in stack.tmp.glob("lipsync-api-*/upload-*")]  # nothing left behind
+
+
+def test_chunked_upload_within_the_limit_is_accepted(stack, serving_media):
+    """No Content-Length is not refused: a chunked body under the limit is a job like any."""
+    parts = [
+        part_head("video", "face.mp4") + serving_media.video.read_bytes() + b"\r\n",
+        part_head("audio", "speech.wav", "audio/wav") + serving_media.audio.read_bytes() + b"\r\n",
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="steps"\r\n\r\n1\r\n'.encode(),
+        f"--{BOUNDARY}--\r\n".encode(),
+    ]
+
+    def stream():
+        for part in parts:  # a generator: httpx sends it chunked, without Content-Length
+            yield from (part[i : i + 8192] for i in range(0, len(part), 8192))
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    with stack.client(stack.create_key("streamer")) as c:
+        r = c.post("/v1/jobs", content=stream(), headers=headers)
+    assert r.status_code == 201, r.text
+    assert r.json()["options"]["steps"] == 1
+
+
+def test_every_error_carries_a_code(stack):
+    with stack.client(None) as c:
+        r = c.get("/no/such/path")
+        assert (r.status_code, r.json()["code"]) == (404, "not_found")
+        r = c.put("/healthz")
+        assert (r.status_code, r.json()["code"]) == (405, "method_not_allowed")
+        r = c.post(
+            "/v1/jobs",
+            content=b"{}",
+            headers={"Content-Type": "application/json", "X-API-Key": stack.create_key("json")},
+        )
+        assert (r.status_code, r.json()["code"]) == (415, "unsupported_media_type")
+
+
+def test_idempotent_race_leaves_one_job_and_no_empty_upload_folder(stack, serving_media):
+    key = stack.create_key("racer", concurrency=8)
+    headers = {"Idempotency-Key": "race-1"}
+
+    def one(_):
+        with stack.client(key) as c:
+            return submit(c, serving_media.video, serving_media.audio, headers=headers, steps=1)
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(one, range(4)))
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 201]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert count_jobs(stack, "racer")[0] == 1
+    uploads = stack.storage_dir / "uploads"
+    empty = [d for d in uploads.iterdir() if d.is_dir() and not any(d.iterdir())]
+    assert not empty, empty
 
 
 def test_video_with_its_own_soundtrack_needs_no_audio(stack, serving_media):

@@ -140,6 +140,8 @@ def test_kill_9_mid_job_completes_on_another_worker_with_one_result(stack, servi
         job = submit(c, serving_media.long_video, serving_media.long_audio, steps=4).json()
         row = running_with_progress(stack, job["id"], 0.12)
         victim = next(w for w in stack.workers if row["worker"].endswith(f":{w.pid}"))
+        (scratch,) = stack.tmp.glob(f"lipsync-worker-{victim.pid}-*")
+        assert list(scratch.glob("job-*")), "the job's files are in the worker's own folder"
         os.kill(victim.pid, signal.SIGKILL)
         victim.popen.wait(timeout=10)
         t0 = time.monotonic()
@@ -154,6 +156,8 @@ def test_kill_9_mid_job_completes_on_another_worker_with_one_result(stack, servi
         out = tmp_path / "out.mp4"
         download(c, job["id"], out)
         check_output(out, 50, 2.0)
+    # the killed worker's scratch folder was removed (by the other worker's sweep)
+    wait_until(lambda: not scratch.exists(), 10, 0.1, "the dead worker's scratch to go")
     # exactly one result object, no temporary leftovers
     objects = storage_objects(stack, job["id"])
     assert [k for k in objects if k.startswith("results/")] == [f"results/{job['id']}.mp4"]

@@ -489,7 +489,8 @@ def test_triton_restarted_mid_job_the_job_is_retried_and_completes(
 
             def past_first_chunk():
                 row = stack.job_row(job["id"])
-                assert row["status"] in ("queued", "running"), row
+                assert row["status"] in ("queued", "running"), (row["error"], row["history"],
+                                                                worker.tail(6000))  # fmt: skip
                 return row["status"] == "running" and row["progress"] >= 0.12
 
             wait_until(past_first_chunk, 90, 0.05, "the job to be past its first chunk")

@@ -12,20 +12,31 @@ processes start at once (a PostgreSQL advisory lock serialises them).
 Every running attempt holds a random ``lease``; a worker's progress and final writes only apply
 while its lease is current, so an attempt that was given up on (its worker stopped heartbeating)
 cannot overwrite the attempt that replaced it.
+
+The queue's side (procrastinate's tables) is read and moved here too, through procrastinate's
+own SQL (``procrastinate.sql.queries``: the functions of the schema it installed), so that a job
+row and its queue entry change in one transaction: an attempt's outcome, a recovered job.
+
+Workers talk to the database through :class:`Link` objects (one connection each, reopened after it
+broke); the API through a pool (:func:`make_pool`).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 import psycopg
+from procrastinate.sql import queries as pq
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+
+T = TypeVar("T")
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -89,20 +100,93 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection:
     return psycopg.connect(url, row_factory=dict_row, **kwargs)
 
 
-def make_pool(url: str, max_size: int = 8, name: str = "lipsync"):
-    """A psycopg connection pool (dict rows) that checks connections before handing them out."""
+# TCP keepalives: a connection to a server that vanished (no FIN, no RST) fails within ~25 s
+# instead of hanging for the kernel's ~15 minutes
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+              "keepalives_count": 3}  # fmt: skip
+
+
+def make_pool(url: str, max_size: int = 8, name: str = "lipsync", timeout_s: float = 10.0):
+    """A psycopg connection pool (dict rows) that checks connections before handing them out.
+
+    ``timeout_s`` bounds both the wait for a connection and each reconnection round: after an
+    outage the pool gives a lost connection up within that time and opens a fresh one on the
+    next request, instead of backing off for minutes (psycopg_pool's default is 5 minutes)."""
     from psycopg_pool import ConnectionPool
 
     return ConnectionPool(
         url,
         min_size=1,
         max_size=max_size,
-        kwargs={"row_factory": dict_row},
+        kwargs={"row_factory": dict_row, "connect_timeout": max(1, round(timeout_s)),
+                **KEEPALIVES},
         check=ConnectionPool.check_connection,
         name=name,
         open=True,
-        timeout=10,
-    )
+        timeout=timeout_s,
+        reconnect_timeout=max(timeout_s, 1.0),
+    )  # fmt: skip
+
+
+class Link:
+    """One autocommit connection, opened on first use and opened again after it broke.
+
+    No pool and no backoff of its own: a caller that hits an outage decides how long to wait
+    (:func:`lipsync.serving.outage.retry`), and the next call connects at once. One thread
+    per link."""
+
+    def __init__(self, url: str, *, timeout_s: float = 5.0, name: str = "lipsync"):
+        self.url = url
+        self.timeout_s = timeout_s
+        self.name = name
+        self.fresh = False  # the current connection was opened by the current call
+        self._conn: psycopg.Connection | None = None
+
+    def connection(self) -> psycopg.Connection:
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            self.close()
+            self.fresh = True
+            conn = psycopg.connect(
+                self.url, autocommit=True, row_factory=dict_row,
+                connect_timeout=max(1, round(self.timeout_s)), application_name=self.name[:63],
+                **KEEPALIVES,
+            )  # fmt: skip
+            self._conn = conn
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """The connection inside one transaction (committed on success)."""
+        conn = self.connection()
+        try:
+            with conn.transaction():
+                yield conn
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            self.close()
+            raise
+
+    def run(self, fn: Callable[[psycopg.Connection], T]) -> T:
+        """``fn(conn)`` in one transaction. A connection that died while it sat idle (the
+        server restarted since its last use) is only found out when used: then ``fn`` runs
+        once more on a fresh one before the failure counts."""
+        self.fresh = False
+        try:
+            with self.transaction() as conn:
+                return fn(conn)
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            if self.fresh:
+                raise
+        with self.transaction() as conn:
+            return fn(conn)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: S110 - a broken connection may fail to close; drop it
+                pass
 
 
 def migrate(url: str) -> list[int]:
@@ -182,6 +266,11 @@ def insert_job(
             idempotency_key, _event(event="queued"),
         ),
     ).fetchone()  # fmt: skip
+
+
+def lock_key(conn: psycopg.Connection, key_id: int) -> None:
+    """Serialise one key's submissions until the transaction ends (limits, idempotency)."""
+    conn.execute("SELECT id FROM lipsync_api_keys WHERE id = %s FOR UPDATE", (key_id,))
 
 
 def set_queue_job_id(conn: psycopg.Connection, job_id: str, queue_job_id: int) -> None:
@@ -403,6 +492,157 @@ def finish_cancelled(conn: psycopg.Connection, job_id: str, lease: str | None) -
         """,
         (_event(event="cancelled"), job_id, lease, lease),
     ).fetchone()
+
+
+def requeue(
+    conn: psycopg.Connection, job_id: str, *, queue_job_id: int, kind: str, reason: str,
+    count_failure: bool,
+) -> dict | None:  # fmt: skip
+    """Back to ``queued`` under a new queue entry (the sweep's reconciliation)."""
+    return conn.execute(
+        """
+        UPDATE lipsync_jobs
+           SET status = 'queued', lease = NULL, queue_job_id = %(queue)s, error = %(reason)s,
+               error_kind = %(kind)s, failures = failures + %(inc)s, retry_at = NULL,
+               updated_at = now(), history = history || %(event)s
+         WHERE id = %(id)s AND status IN ('queued', 'running')
+        RETURNING *
+        """,
+        {
+            "queue": queue_job_id, "reason": reason, "kind": kind,
+            "inc": 1 if count_failure else 0,
+            "event": _event(event="requeued", error_kind=kind, error=reason),
+            "id": job_id,
+        },
+    ).fetchone()  # fmt: skip
+
+
+def orphaned_jobs(conn: psycopg.Connection, limit: int = 100) -> list[dict]:
+    """Rows still queued or running whose queue entry is missing or no longer ``todo`` /
+    ``doing``: no worker will ever run them again (the sweep puts them back or fails them)."""
+    return conn.execute(
+        """
+        SELECT j.id, j.status, j.queue_job_id, p.status::text AS queue_status
+          FROM lipsync_jobs j
+          LEFT JOIN procrastinate_jobs p ON p.id = j.queue_job_id
+         WHERE j.status IN ('queued', 'running')
+           AND (p.id IS NULL OR p.status NOT IN ('todo', 'doing'))
+         ORDER BY j.updated_at
+         LIMIT %s
+        """,
+        (limit,),
+    ).fetchall()
+
+
+# -- the queue: procrastinate's tables, through its own SQL ------------------------------------
+
+
+def queue_status(conn: psycopg.Connection, queue_job_id: int | None) -> str | None:
+    if queue_job_id is None:
+        return None
+    row = conn.execute(pq["get_job_status"], {"job_id": queue_job_id}).fetchone()
+    return str(row["status"]) if row else None
+
+
+def queue_finish(conn: psycopg.Connection, queue_job_id: int, status: str) -> bool:
+    """End a queue entry (``succeeded``, ``failed``, ``aborted``); False (and nothing changed)
+    when it was no longer waiting or running."""
+    return _queue_call(conn, pq["finish_job"],
+                       {"job_id": queue_job_id, "status": status, "delete_job": False})  # fmt: skip
+
+
+def queue_retry(conn: psycopg.Connection, queue_job_id: int, delay_s: float) -> bool:
+    """Put a running (or failed) queue entry back, runnable in ``delay_s`` seconds; False (and
+    nothing changed) when it was in neither state."""
+    params = {
+        "job_id": queue_job_id, "retry_at": now() + timedelta(seconds=delay_s),
+        "new_priority": None, "new_queue_name": None, "new_lock": None,
+    }  # fmt: skip
+    return _queue_call(conn, pq["retry_job"], params)
+
+
+def _queue_call(conn: psycopg.Connection, query: str, params: dict) -> bool:
+    try:
+        with conn.transaction():  # a savepoint: the caller's transaction survives a refusal
+            conn.execute(query, params)
+    except psycopg.errors.RaiseException:  # procrastinate: "not in doing status" and the like
+        return False
+    return True
+
+
+def register_worker(conn: psycopg.Connection) -> int:
+    return int(conn.execute(pq["register_worker"]).fetchone()["worker_id"])
+
+
+def unregister_worker(conn: psycopg.Connection, worker_id: int) -> None:
+    conn.execute(pq["unregister_worker"], {"worker_id": worker_id})
+
+
+def heartbeat(conn: psycopg.Connection, worker_id: int) -> bool:
+    """Refresh the worker's heartbeat; False when its registration is gone (pruned as stalled
+    by another worker)."""
+    conn.execute(pq["update_heartbeat"], {"worker_id": worker_id})
+    return (
+        conn.execute("SELECT 1 FROM procrastinate_workers WHERE id = %s", (worker_id,)).fetchone()
+        is not None
+    )
+
+
+def attach_job(conn: psycopg.Connection, queue_job_id: int, worker_id: int) -> bool:
+    """Give a running queue entry whose worker registration was pruned back to that worker
+    (registered again), unless someone else has taken it in the meantime."""
+    return (
+        conn.execute(
+            "UPDATE procrastinate_jobs SET worker_id = %s "
+            "WHERE id = %s AND status = 'doing' AND worker_id IS NULL RETURNING id",
+            (worker_id, queue_job_id),
+        ).fetchone()
+        is not None
+    )
+
+
+def fetch_job(conn: psycopg.Connection, queue: str, worker_id: int) -> dict | None:
+    """Take the next runnable queue entry (``FOR UPDATE SKIP LOCKED``), or None."""
+    row = conn.execute(pq["fetch_job"], {"queues": [queue], "worker_id": worker_id}).fetchone()
+    return row if row and row["id"] is not None else None
+
+
+def own_running_jobs(conn: psycopg.Connection, worker_id: int) -> list[int]:
+    """Queue entries ``doing`` on this worker (registration ``worker_id``)."""
+    rows = conn.execute(
+        "SELECT id FROM procrastinate_jobs WHERE worker_id = %s AND status = 'doing'",
+        (worker_id,),
+    )
+    return [r["id"] for r in rows.fetchall()]
+
+
+def stalled_jobs(
+    conn: psycopg.Connection, queue: str, task_name: str, seconds: float
+) -> list[dict]:
+    """Running queue entries of workers silent for ``seconds`` (or unregistered)."""
+    return conn.execute(
+        pq["select_stalled_jobs_by_heartbeat"],
+        {"queue": queue, "task_name": task_name, "seconds_since_heartbeat": seconds},
+    ).fetchall()
+
+
+def prune_workers(conn: psycopg.Connection, seconds: float) -> list[int]:
+    rows = conn.execute(pq["prune_stalled_workers"], {"seconds_since_heartbeat": seconds})
+    return [r["worker_id"] for r in rows.fetchall()]
+
+
+def listen(conn: psycopg.Connection, channels) -> None:
+    for channel in channels:
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+
+
+def try_lock(conn: psycopg.Connection, key: int) -> bool:
+    """A session-level advisory lock, if free (released by :func:`unlock` or disconnecting)."""
+    return bool(conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (key,)).fetchone()["ok"])
+
+
+def unlock(conn: psycopg.Connection, key: int) -> None:
+    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
 def as_json(value: Any) -> Any:

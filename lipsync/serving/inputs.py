@@ -1,7 +1,8 @@
 """A submission's inputs, checked before anything is queued.
 
-:func:`stage_upload` / :func:`stage_url` copy an upload or an ``s3://`` object into a scratch
-folder (refusing wrong content types, over-size bodies and buckets not on the allow-list);
+The API's form reader (:mod:`lipsync.serving.api.form`) and :func:`stage_url` copy an upload or
+an ``s3://`` object into a scratch folder (refusing wrong content types, over-size bodies and
+buckets not on the allow-list);
 :func:`check_inputs` probes both files with :func:`lipsync.media.validate_inputs`, applies the
 service's duration limit and looks for a face in a few frames spread over the video. Each problem
 raises :class:`InputRejected` with the HTTP status and one clear line.
@@ -10,10 +11,8 @@ raises :class:`InputRejected` with the HTTP status and one clear line.
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -59,26 +58,6 @@ def check_content_type(role: str, content_type: str | None) -> None:
         )  # fmt: skip
 
 
-def stage_upload(
-    role: str, fileobj: BinaryIO, filename: str | None, content_type: str | None, dest_dir: Path,
-    budget: int,
-) -> Staged:  # fmt: skip
-    """Copy an uploaded part to ``dest_dir``; ``budget`` is the bytes still allowed."""
-    check_content_type(role, content_type)
-    suffix = safe_suffix(filename)
-    dest = dest_dir / f"{role}{suffix}"
-    size = 0
-    with open(dest, "wb") as out:
-        while block := fileobj.read(1024 * 1024):
-            size += len(block)
-            if size > budget:
-                raise too_large()
-            out.write(block)
-    if size == 0:
-        raise InputRejected(422, "empty_upload", f"the {role} upload is empty")
-    return Staged(dest, suffix, size)
-
-
 def too_large(limit: int | None = None) -> InputRejected:
     text = f" (limit {limit / 1024**2:.0f} MiB for video + audio)" if limit else ""
     return InputRejected(413, "too_large", f"the upload is too large{text}")
@@ -118,12 +97,6 @@ def stage_url(role: str, url: str, settings, dest_dir: Path, budget: int) -> Sta
     except BotoCoreError as exc:
         raise InputRejected(502, "storage_error", f"{role}_url: {one_line(exc)}") from None
     return Staged(dest, suffix, size)
-
-
-def copy_staged(src: Staged, dest_dir: Path, role: str) -> Staged:
-    dest = dest_dir / f"{role}{src.suffix}"
-    shutil.copyfile(src.path, dest)
-    return Staged(dest, src.suffix, src.size)
 
 
 def check_inputs(

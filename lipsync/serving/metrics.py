@@ -27,10 +27,17 @@ JOBS_SUBMITTED = Counter("lipsync_jobs_submitted_total", "Jobs accepted by the A
 JOBS_REJECTED = Counter(
     "lipsync_jobs_rejected_total", "Job submissions refused, by reason", ["reason"]
 )
+BODY_BYTES = Counter(
+    "lipsync_http_request_body_bytes_total", "Request body bytes read from clients"
+)
 
 # both
 QUEUE_DEPTH = Gauge("lipsync_queue_depth", "Jobs waiting to run (status queued)")
 JOBS_BY_STATUS = Gauge("lipsync_jobs", "Jobs in the database by status", ["status"])
+DATABASE_UP = Gauge("lipsync_database_up", "1 while this process reaches the database, else 0")
+DATABASE_OUTAGES = Counter(
+    "lipsync_database_outages_total", "Times this process lost the database (first failed call)"
+)
 
 # workers
 JOB_SECONDS = Histogram(
@@ -49,6 +56,14 @@ JOBS_IN_PROGRESS = Gauge("lipsync_jobs_in_progress", "Jobs this worker is runnin
 JOBS_SUCCEEDED = Counter("lipsync_jobs_succeeded_total", "Jobs this worker completed")
 JOBS_CANCELLED = Counter("lipsync_jobs_cancelled_total", "Running jobs stopped by a cancel")
 FRAMES = Counter("lipsync_frames_total", "Output frames produced")
+WORKER_REGISTERED = Gauge(
+    "lipsync_worker_registered", "1 while this worker is registered and heartbeating, else 0"
+)
+JOBS_RECONCILED = Counter(
+    "lipsync_jobs_reconciled_total",
+    "Job rows whose queue entry had ended without them, by what the sweep did",
+    ["action"],
+)
 GPU_MEMORY = Gauge("lipsync_gpu_memory_bytes", "CUDA memory of this worker", ["kind"])
 
 

@@ -96,6 +96,20 @@ class ServeSettings(BaseModel):
         0.5, ge=0, description="Least time between progress writes (cancellation is checked then)."
     )
 
+    # database outages (docs/SERVING.md, "Failure model")
+    db_timeout_s: float = Field(
+        5.0, gt=0, description="Longest wait for one database connection (connect or pool)."
+    )
+    db_retry_s: float = Field(
+        0.5, gt=0, description="First wait after a database call failed; doubles per failure."
+    )
+    db_retry_max_s: float = Field(5.0, gt=0, description="Longest wait between database retries.")
+    db_outage_limit_s: float = Field(
+        900.0, gt=0,
+        description="A worker that cannot reach the database for this long exits (code 3); "
+        "its job is recovered by the other workers' sweep.",
+    )  # fmt: skip
+
     # processes
     host: str = Field("127.0.0.1", description="Interface the API and worker metrics listen on.")
     port: int = Field(8000, ge=0, le=65535, description="API port.")

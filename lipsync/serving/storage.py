@@ -144,7 +144,16 @@ class FileStorage(Storage):
             return None
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        """Remove the object, and the folders it leaves empty (``uploads/<job id>/``)."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == self.root or self.root not in folder.parents:
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or already gone): the folders above are not empty
+                break
 
     def list(self, prefix: str = "") -> list[str]:
         base = self.root

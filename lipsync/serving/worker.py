@@ -9,39 +9,43 @@ The thing that runs a job is pluggable (:func:`make_runner`): an object with
 * ``module:factory`` -- any callable taking the settings (tests inject failures this way).
 
 One attempt (:meth:`JobExecutor.__call__`): claim the job row under a fresh lease, fetch the
-inputs, run, check for a cancel, store the result under ``results/<job id>.mp4`` and mark the row
-succeeded -- or classify the error (:func:`lipsync.serving.queue.decide`). Progress is written to
-the row between chunks, and that is where a cancel (or a shutdown) is noticed.
+inputs, run, check for a cancel, store the result under ``results/<job id>.mp4``, then record
+the outcome -- succeeded, or the error classified (:func:`lipsync.serving.queue.decide`) -- on
+the row and its queue entry in one transaction (:func:`lipsync.serving.queue.record`), trying
+again until the database answers. Progress is written to the row between chunks, and that is
+where a cancel (or a shutdown) is noticed. Scratch files live in this process's own folder
+(:mod:`lipsync.serving.scratch`), which the next worker removes if this one is killed.
 
-Signals: on SIGTERM / SIGINT the worker stops taking jobs and lets the running one finish for up
-to ``shutdown_grace_s`` seconds; past that it *releases* it: the run stops at the next chunk and
-the job goes back to the queue at once (not counted as a failure), then the worker exits 0.
-A second signal exits immediately; the job is then recovered as a lost one (``stalled_after_s``).
+The loop around it -- registration, heartbeats, fetching, signals, database outages -- is
+:mod:`lipsync.serving.consumer`. Signals: on SIGTERM / SIGINT the worker stops taking jobs and
+lets the running one finish for up to ``shutdown_grace_s`` seconds; past that it *releases* it:
+the run stops at the next chunk and the job goes back to the queue at once (not counted as a
+failure), then the worker exits 0. A second signal exits immediately; the job is then recovered
+as a lost one (``stalled_after_s``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import importlib
 import logging
 import os
 import shutil
 import socket
-import tempfile
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from procrastinate import exceptions as pexc
-from procrastinate.job_context import AbortReason, JobContext
-
 from lipsync.errors import ConfigError, one_line
 from lipsync.pipeline import Progress, RunReport
 from lipsync.progress import weighted_fraction
-from lipsync.serving import db, metrics, queue
+from lipsync.serving import consumer, db, metrics, outage, probes, queue, scratch
+from lipsync.serving.consumer import Attempt
 from lipsync.serving.logs import job_context
+from lipsync.serving.outage import Health
+from lipsync.serving.scratch import Scratch
 from lipsync.serving.storage import Storage, open_storage
 
 log = logging.getLogger("lipsync.serving.worker")
@@ -94,13 +98,13 @@ def make_runner(settings) -> Runner:
 
 class JobProgress(Progress):
     """Progress hook for one attempt: writes progress to the job row (at most every
-    ``progress_interval_s``) and raises to stop the run when the job was cancelled, the
-    worker is shutting down, or the attempt lost its lease."""
+    ``progress_interval_s``; skipped while the database is down) and raises to stop the run
+    when the job was cancelled, the worker is shutting down, or the attempt lost its lease."""
 
-    def __init__(self, executor: JobExecutor, context: JobContext, job_id: str, lease: str):
+    def __init__(self, executor: JobExecutor, attempt: Attempt, lease: str):
         self.executor = executor
-        self.context = context
-        self.job_id = job_id
+        self.attempt = attempt
+        self.job_id = attempt.job_id
         self.lease = lease
         self.totals: dict[str, int] = {}
         self.done: dict[str, int] = {}
@@ -128,17 +132,15 @@ class JobProgress(Progress):
         return round(min(weighted_fraction(self.totals, self.done), 0.99), 4)
 
     def check(self, force: bool = False) -> None:
-        reason = self.context.abort_reason()
-        if reason == AbortReason.SHUTDOWN:
+        if self.attempt.stopping():
             raise queue.Released("the worker is shutting down")
-        if reason == AbortReason.USER_REQUEST:
-            raise queue.JobCancelled("cancelled by the user")
         now = time.monotonic()
         if not force and now - self._last < self.executor.settings.progress_interval_s:
             return
         self._last = now
-        with db.transaction(self.executor.pool) as conn:
-            row = db.update_progress(conn, self.job_id, self.lease, self.fraction(), self.stage)
+        row = self.executor.write_progress(self.job_id, self.lease, self.fraction(), self.stage)
+        if row is False:  # the database is down: keep computing, write again later
+            return
         if row is None:
             raise queue.LeaseLost("another attempt owns this job now")
         if row["cancel_requested"]:
@@ -146,74 +148,156 @@ class JobProgress(Progress):
 
 
 class JobExecutor:
-    """Runs one attempt of a job (the procrastinate task; module docstring)."""
+    """Runs one attempt of a job and records how it ended (module docstring)."""
 
-    def __init__(self, settings, runner: Runner, storage: Storage, pool, name: str):
+    def __init__(self, settings, runner: Runner, storage: Storage, name: str, health: Health,
+                 scratch: Scratch):  # fmt: skip
         self.settings = settings
         self.runner = runner
         self.storage = storage
-        self.pool = pool
         self.name = name
+        self.health = health
+        self.scratch = scratch
+        self.link = db.Link(
+            settings.require_database(), timeout_s=settings.db_timeout_s, name=f"lipsync job {name}"
+        )
         self._paths: dict[str, str] = {}
 
-    def __call__(self, context: JobContext, job_id: str) -> dict:
-        with job_context(job_id=job_id, queue_job_id=context.job.id, worker=self.name):
-            return self.execute(context, job_id)
+    def __call__(self, attempt: Attempt) -> str:
+        with job_context(job_id=attempt.job_id, queue_job_id=attempt.queue_job_id,
+                         worker=self.name):  # fmt: skip
+            return self.execute(attempt)
 
-    def execute(self, context: JobContext, job_id: str) -> dict:
+    def close(self) -> None:
+        self.link.close()
+
+    def _db(self, what: str, fn):
+        """``fn(conn)`` in one transaction, tried again through database outages."""
+
+        return outage.retry(lambda: self.link.run(fn), self.health, what)
+
+    def write_progress(self, job_id: str, lease: str, fraction: float, stage: str):
+        """The row's ``{cancel_requested}``, None when the lease is lost, False when the
+        database is down (nothing written)."""
+        if self.health.down:
+            return False
+        try:
+            row = self.link.run(lambda c: db.update_progress(c, job_id, lease, fraction, stage))
+        except Exception as exc:
+            if not outage.is_outage(exc):
+                raise
+            self.health.failed(exc, "progress")
+            return False
+        self.health.ok()
+        return row
+
+    def execute(self, attempt: Attempt) -> str:
+        """One attempt: claim, run, record the outcome; returns what happened (``succeeded``,
+        ``retry``, ``failed``, ``cancelled``, ``lost``, or why it did not run)."""
+        job_id, queue_job_id = attempt.job_id, attempt.queue_job_id
         lease = uuid.uuid4().hex
         self._paths = {}
-        with db.transaction(self.pool) as conn:
-            row = db.claim(conn, job_id, lease, self.name)
-        if row is None:
-            log.error("job row %s does not exist; dropping the queue entry", job_id)
-            return {"skipped": "missing"}
-        if not row["claimed"]:
-            if row["status"] not in db.TERMINAL:  # cancel requested before it started
-                with db.transaction(self.pool) as conn:
-                    db.finish_cancelled(conn, job_id, None)
-                log.info("job cancelled before it started")
-                raise queue.JobCancelled("cancelled before it started")
-            log.info("job already %s; nothing to do", row["status"])
-            return {"skipped": row["status"]}
+        row = self._db("claim", lambda c: db.claim(c, job_id, lease, self.name))
+        if row is None or not row["claimed"]:
+            return self._not_run(job_id, queue_job_id, row)
 
         log.info("attempt %d started", row["attempts"], extra={"attempt": row["attempts"]})
         metrics.JOBS_IN_PROGRESS.inc()
         t0 = time.monotonic()
-        work = Path(tempfile.mkdtemp(prefix=f"lipsync-{job_id[:8]}-", dir=self.settings.work_dir))
-        outcome = "error"
+        work = self.scratch.mkdtemp(prefix=f"job-{job_id[:8]}-")
+        label = "error"
         try:
-            result = self._attempt(context, job_id, lease, row, work)
-            outcome = "succeeded"
-            return result
-        except queue.JobCancelled:
-            outcome = "cancelled"
-            with db.transaction(self.pool) as conn:
-                db.finish_cancelled(conn, job_id, lease)
-            metrics.JOBS_CANCELLED.inc()
-            log.info("job cancelled while running; nothing published")
-            raise
-        except queue.Released:
-            outcome = "released"
-            with db.transaction(self.pool) as conn:
-                db.finish_retry(
-                    conn, job_id, lease, kind="released", count_failure=False, retry_in_s=0,
-                    reason="released by a worker that shut down; queued again", event="released",
+            decision = None
+            try:
+                outcome = self._attempt(attempt, lease, row, work)
+            except queue.JobCancelled:
+                outcome = queue.Outcome("cancelled")
+            except queue.Released:
+                outcome = queue.Outcome(
+                    "retry", kind="released", count_failure=False, event="released",
+                    reason="released by a worker that shut down; queued again",
                 )  # fmt: skip
-            log.info("worker shutting down: job released back to the queue")
-            raise
-        except queue.LeaseLost:
-            outcome = "lost"
-            log.error("lease lost: another attempt took over this job; dropping this one")
-            raise
-        except Exception as exc:
-            self._failed(job_id, lease, row, exc, context)  # raises RetryLater or FinalFailure
-            raise  # pragma: no cover
+            except queue.LeaseLost:
+                outcome = None
+            except outage.DatabaseUnavailable:
+                raise
+            except Exception as exc:
+                decision = self._decide(exc, row)
+                outcome = decision.outcome()
+                if decision.kind == "oom":
+                    _free_gpu_memory()
+            written = None
+            if outcome is not None:
+                written = self._db(
+                    "record the outcome",
+                    lambda c: queue.record(c, job_id, queue_job_id, lease, outcome),
+                )  # fmt: skip
+            label = self._report(written, outcome, decision, row)
         finally:
             metrics.JOBS_IN_PROGRESS.dec()
-            metrics.JOB_SECONDS.labels(outcome=outcome).observe(time.monotonic() - t0)
+            metrics.JOB_SECONDS.labels(outcome=label).observe(time.monotonic() - t0)
             metrics.update_gpu_memory()
             shutil.rmtree(work, ignore_errors=True)
+        if decision is not None and decision.kind == "unavailable" and label == "retry":
+            self._wait_for_model_server(attempt)
+        return label
+
+    def _not_run(self, job_id: str, queue_job_id: int, row: dict | None) -> str:
+        """The row is missing, finished, or was cancelled before it started: end the queue
+        entry accordingly."""
+        if row is None:
+            log.error("job row %s does not exist; dropping the queue entry", job_id)
+            self._db("end the queue entry", lambda c: db.queue_finish(c, queue_job_id, "failed"))
+            return "missing"
+        if row["status"] in db.TERMINAL:
+            log.info("job already %s; nothing to do", row["status"])
+            end = queue.QUEUE_END[row["status"]]
+            self._db("end the queue entry", lambda c: db.queue_finish(c, queue_job_id, end))
+            return row["status"]
+
+        def cancel(conn) -> None:  # cancel requested before it started
+            db.finish_cancelled(conn, job_id, None)
+            db.queue_finish(conn, queue_job_id, "aborted")
+
+        self._db("cancel", cancel)
+        log.info("job cancelled before it started")
+        return "cancelled"
+
+    def _report(self, written: dict | None, outcome, decision, row: dict) -> str:
+        """Logs and metrics for an outcome as it was written; returns its label."""
+        if written is None:
+            log.error("lease lost: another attempt took over this job; dropping this one")
+            return "lost"
+        status = written["status"]
+        if status == "cancelled":
+            if outcome.result_key:  # the cancel came in while the result was being stored
+                self.storage.delete(outcome.result_key)
+            metrics.JOBS_CANCELLED.inc()
+            log.info("job cancelled while running; nothing published")
+            return "cancelled"
+        if status == "succeeded":
+            frames = (written["report"] or {}).get("frames") or 0
+            metrics.JOBS_SUCCEEDED.inc()
+            metrics.FRAMES.inc(frames)
+            metrics.JOB_LATENCY.observe((db.now() - written["created_at"]).total_seconds())
+            log.info("job succeeded: %s", written["result_key"], extra={"frames": frames})
+            return "succeeded"
+        if decision is None:  # released
+            log.info("worker shutting down: job released back to the queue")
+            return "released"
+        if status == "queued":
+            metrics.JOB_RETRIES.labels(reason=decision.kind).inc()
+            log.warning(
+                "attempt %d failed, retry in %.1f s: %s", row["attempts"], decision.retry_in_s,
+                decision.reason, exc_info=decision.kind == "internal",
+            )  # fmt: skip
+            return "retry"
+        metrics.JOB_FAILURES.labels(reason=decision.kind).inc()
+        log.warning(
+            "job failed: %s", decision.reason, exc_info=decision.kind == "internal",
+            extra={"error_kind": decision.error_kind},
+        )  # fmt: skip
+        return "failed"
 
     def _local(self, key: str, work: Path, name: str) -> Path:
         direct = self.storage.local_path(key)
@@ -223,7 +307,7 @@ class JobExecutor:
         self.storage.get_file(key, dest)
         return dest
 
-    def _attempt(self, context: JobContext, job_id: str, lease: str, row: dict, work: Path):
+    def _attempt(self, attempt: Attempt, lease: str, row: dict, work: Path) -> queue.Outcome:
         video = self._local(row["video_key"], work, "video")
         audio = (
             video if row["audio_key"] == row["video_key"]
@@ -233,77 +317,35 @@ class JobExecutor:
         out = work / "result.mp4"
         options = dict(row["options"] or {})
         options.setdefault("chunk_frames", self.settings.chunk_frames)
-        progress = JobProgress(self, context, job_id, lease)
+        progress = JobProgress(self, attempt, lease)
         report = self.runner.run(video, audio, out, progress=progress, **options)
         progress.check(force=True)  # a cancel that came during encoding: publish nothing
 
-        result_key = f"results/{job_id}.mp4"
+        result_key = f"results/{attempt.job_id}.mp4"
         self.storage.put_file(result_key, out)
         summary = report.as_dict() if hasattr(report, "as_dict") else dict(report)
         summary.update(output=None, chunk_frames=options["chunk_frames"])
-        with db.transaction(self.pool) as conn:
-            done = db.finish_succeeded(conn, job_id, lease, result_key, summary)
-            current = None if done else db.get_job(conn, job_id)
-        if done is None:
-            if current and current["cancel_requested"] and current["status"] not in db.TERMINAL:
-                self.storage.delete(result_key)
-                raise queue.JobCancelled("cancelled by the user")
-            raise queue.LeaseLost("another attempt owns this job now")
-        metrics.JOBS_SUCCEEDED.inc()
-        metrics.FRAMES.inc(summary.get("frames") or 0)
-        created = done["created_at"]
-        metrics.JOB_LATENCY.observe((db.now() - created).total_seconds())
-        log.info("job succeeded: %s", result_key, extra={"frames": summary.get("frames")})
-        return {"result_key": result_key}
+        return queue.Outcome("succeeded", result_key=result_key, report=summary)
 
-    def _failed(
-        self, job_id: str, lease: str, row: dict, exc: Exception, context: JobContext | None = None
-    ) -> None:
+    def _decide(self, exc: Exception, row: dict) -> queue.Decision:
+        """:func:`queue.decide`, with our local paths replaced by what they mean to the user."""
         decision = queue.decide(self.settings, exc, row)
         reason = decision.reason
-        for path, name in self._paths.items():  # local paths mean nothing to the user
+        for path, name in self._paths.items():
             reason = reason.replace(path, name)
-        decision = dataclasses.replace(decision, reason=reason)
-        if decision.kind == "oom":
-            _free_gpu_memory()
-        if decision.retry_in_s is not None:
-            with db.transaction(self.pool) as conn:
-                db.finish_retry(
-                    conn, job_id, lease, kind=decision.error_kind, reason=decision.reason,
-                    retry_in_s=decision.retry_in_s, options=decision.options,
-                )  # fmt: skip
-            metrics.JOB_RETRIES.labels(reason=decision.kind).inc()
-            log.warning(
-                "attempt %d failed, retry in %.1f s: %s", row["attempts"], decision.retry_in_s,
-                decision.reason, exc_info=decision.kind == "internal",
-            )  # fmt: skip
-            if decision.kind == "unavailable":
-                self._wait_for_model_server(context)
-            raise queue.RetryLater(decision.reason, decision.retry_in_s) from exc
-        with db.transaction(self.pool) as conn:
-            db.finish_failed(conn, job_id, lease, kind=decision.error_kind, reason=decision.reason)
-        metrics.JOB_FAILURES.labels(reason=decision.kind).inc()
-        log.warning(
-            "job failed: %s", decision.reason, exc_info=decision.kind == "internal",
-            extra={"error_kind": decision.error_kind},
-        )  # fmt: skip
-        raise queue.FinalFailure(decision.reason) from exc
+        return dataclasses.replace(decision, reason=reason)
 
-    def _wait_for_model_server(self, context: JobContext | None) -> None:
+    def _wait_for_model_server(self, attempt: Attempt) -> None:
         """The model server (Triton) was unreachable: take no other job until it is back (or
         ``triton_wait_s`` passed, or the worker is stopping), rather than failing one queued
         job after another. The failed job itself is already queued again, with its backoff."""
         wait = getattr(self.runner, "wait_until_ready", None)
         if wait is None or self.settings.triton_wait_s <= 0:
             return
-
-        def stop() -> bool:
-            return context is not None and context.abort_reason() is not None
-
         t0 = time.monotonic()
         log.warning("model server unreachable: waiting up to %.0f s for it before the next job",
                     self.settings.triton_wait_s)  # fmt: skip
-        back = wait(self.settings.triton_wait_s, stop)
+        back = wait(self.settings.triton_wait_s, attempt.stopping)
         log.info("model server %s after %.1f s", "is back" if back else "still unreachable",
                  time.monotonic() - t0)  # fmt: skip
 
@@ -337,78 +379,34 @@ def run_worker(settings) -> None:
     """Load the runner once, then process jobs until SIGTERM / SIGINT (module docstring)."""
     url = settings.require_database()
     name = settings.worker_name or default_worker_name()
-    db.migrate(url)
+    consumer.check_settings(settings)
+    health = outage.Health(settings)
+    outage.retry(lambda: db.migrate(url), health, "migrate")
     storage = open_storage(settings)
     storage.check()
     log.info("loading runner", extra={"settings": settings.describe(), "worker": name})
     runner = _make_runner_when_reachable(settings)
+    work = Scratch(settings.work_dir, "worker")
+    scratch.purge_orphans(settings.work_dir)
+    executor = JobExecutor(settings, runner, storage, name, health, work)
+    loop = consumer.Consumer(settings, executor, name, health)
     if settings.worker_metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.worker_metrics_port, addr=settings.host)
-    pool = db.make_pool(url, max_size=3, name=f"worker-{name}")
-    executor = JobExecutor(settings, runner, storage, pool, name)
-    app = queue.make_app(settings, executor, asynchronous=True)
+        probes.serve(settings.host, settings.worker_metrics_port, loop.alive, loop.ready)
     try:
-        asyncio.run(_serve(app, settings, pool, name))
+        loop.run()
+    except outage.DatabaseUnavailable as exc:
+        _give_up(exc)
     finally:
-        pool.close()
+        executor.close()
+        work.close()
     log.info("worker stopped")
 
 
-async def _serve(app, settings, pool, name: str) -> None:
-    async with app.open_async():
-        sweeper = asyncio.create_task(queue.sweep_forever(app, settings, pool))
-        log.info("worker ready", extra={"queue": settings.queue, "worker": name})
-        try:
-            while not await _run_until_pruned(app, settings, name):
-                # A heartbeat arrived later than stalled_after_s (a starved CPU, a long GC
-                # pause): another worker declared this one stalled, put its job back and
-                # deleted its registration. Register again instead of crashing; the job's
-                # lease keeps this worker from writing to the job it lost.
-                log.warning(
-                    "this worker was declared stalled (no heartbeat for %.1f s) and "
-                    "unregistered; registering again", settings.stalled_after_s,
-                    extra={"worker": name},
-                )  # fmt: skip
-        finally:
-            sweeper.cancel()
-            try:
-                await sweeper
-            except (asyncio.CancelledError, pexc.ProcrastinateException):
-                pass
-
-
-def _unregistered(exc: BaseException) -> bool:
-    """Is ``exc`` procrastinate failing because this worker's row was pruned?"""
-    cause = exc.__cause__
-    return (
-        isinstance(exc, pexc.ConnectorException)
-        and type(cause).__name__ == "ForeignKeyViolation"
-        and "worker_id" in str(cause)
-    )
-
-
-async def _run_until_pruned(app, settings, name: str) -> bool:
-    """Run procrastinate's worker; True when it stopped normally (shutdown), False when its
-    registration was pruned under it (see :func:`_serve`)."""
-    try:
-        await app.run_worker_async(
-            queues=[settings.queue],
-            name=name,
-            concurrency=1,
-            wait=True,
-            listen_notify=True,
-            fetch_job_polling_interval=settings.poll_interval_s,
-            abort_job_polling_interval=settings.poll_interval_s,
-            shutdown_graceful_timeout=settings.shutdown_grace_s,
-            update_heartbeat_interval=settings.heartbeat_s,
-            stalled_worker_timeout=settings.stalled_after_s,
-            install_signal_handlers=True,
-            delete_jobs="never",
-        )
-    except pexc.ConnectorException as exc:
-        if _unregistered(exc):
-            return False
-        raise
-    return True
+def _give_up(exc: outage.DatabaseUnavailable) -> None:
+    """Exit with code 3 at once: a job thread may still be inside native code (torch,
+    MediaPipe), which the interpreter's normal shutdown would abort on."""
+    log.error("giving up: %s", exc)
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(exc.exit_code)

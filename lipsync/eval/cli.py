@@ -59,12 +59,24 @@ def sync(
 ) -> None:
     """Audio-visual sync of a video: offset (frames, + = audio lags video), confidence (LSE-C
     style), distance (LSE-D style), per window."""
+    from lipsync.errors import VideoError
     from lipsync.eval.sync import NOT_COMPARABLE, SyncScorer, score_video
+    from lipsync.media import probe
+    from lipsync.train.progress import TrainProgress
 
     scorer = SyncScorer.from_checkpoint(syncnet, device, _syncnet_config(syncnet_config))
-    result = score_video(
-        scorer, video, audio, aligned=aligned, max_offset=max_offset, stride=stride
-    )
+    total = probe(video, error=VideoError).output_frames(25) or 0
+    with TrainProgress(total, 0, enabled=not as_json, what="faces") as bar:
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            bar.update(done[0])
+
+        result = score_video(
+            scorer, video, audio, aligned=aligned, max_offset=max_offset, stride=stride,
+            on_frames=advance,
+        )  # fmt: skip
     if plot is not None:
         from lipsync.eval.report import plot_sync
 

@@ -181,8 +181,8 @@ def compare_videos(
     prev: tuple[np.ndarray, np.ndarray] | None = None
     n = with_lm = 0
     with (
-        MediaPipeDetector() as det_o,
-        MediaPipeDetector() as det_r,
+        MediaPipeDetector(min_face_size=1) as det_o,  # landmarks of any size are usable here
+        MediaPipeDetector(min_face_size=1) as det_r,
         iter_frames(out, fps=FPS, batch=16, stop=max_frames) as read_o,
         iter_frames(ref, fps=FPS, batch=16, stop=max_frames) as read_r,
     ):

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lipsync.errors import VideoError
 from lipsync.face.align import SmoothingState, crops_to_model_input, estimate_transforms, warp_faces
 from lipsync.face.detect import MediaPipeDetector
 from lipsync.face.track import DEFAULT_MIN_FACE_SIZE, TrackReport, require_faces
-from lipsync.media import iter_frames
+from lipsync.media import iter_frames, output_frame_indices
 
 FPS = 25
 
@@ -31,6 +32,7 @@ class FaceCrops:
     landmarks: list[np.ndarray | None] = field(repr=False)  # (468, 2) frame pixels or None
     report: TrackReport = field(repr=False)
     frame_size: tuple[int, int] = (0, 0)  # (height, width) of the video frames
+    matrices: np.ndarray | None = field(default=None, repr=False)  # (T, 2, 3), NaN: no face
 
     def __len__(self) -> int:
         return len(self.usable)
@@ -64,6 +66,7 @@ def track_and_crop(
     only the landmarks (faster).
     """
     lowers: list[np.ndarray] = []
+    mats_all: list[np.ndarray] = []
     usable: list[bool] = []
     landmarks: list[np.ndarray | None] = []
     state = SmoothingState()
@@ -78,22 +81,54 @@ def track_and_crop(
                 ok = [f is not None for f in faces]
                 usable.extend(ok)
                 landmarks.extend(f.landmarks if f is not None else None for f in faces)
+                batch_mats = np.full((len(faces), 2, 3), np.nan, dtype=np.float32)
+                if any(ok):
+                    pts = np.stack([f.points3 for f in faces if f is not None])
+                    pts = pts.astype(np.float32)
+                    mats = estimate_transforms(pts, resolution, smooth=True, state=state)
+                    batch_mats[np.array(ok)] = mats
+                mats_all.append(batch_mats)
                 if crops:
-                    out = np.zeros((len(faces), *half), dtype=np.uint8)
-                    if any(ok):
-                        pts = np.stack([f.points3 for f in faces if f is not None])
-                        pts = pts.astype(np.float32)
-                        mats = estimate_transforms(pts, resolution, smooth=True, state=state)
-                        warped = warp_faces(batch.frames[np.array(ok)], mats, resolution)
-                        full = to_uint8(crops_to_model_input(warped, resolution))
-                        out[np.array(ok)] = lower_half(full)
-                    lowers.append(out)
+                    lowers.append(_lower_crops(batch.frames, batch_mats, resolution))
                 if on_frames is not None:
                     on_frames(len(faces))
         report = detector.report
     require_faces(_Report(report))
     lower = np.concatenate(lowers) if lowers else np.zeros((0, *half), dtype=np.uint8)
-    return FaceCrops(lower, np.array(usable, dtype=bool), landmarks, report, tuple(size))
+    matrices = np.concatenate(mats_all) if mats_all else np.zeros((0, 2, 3), np.float32)
+    return FaceCrops(lower, np.array(usable, dtype=bool), landmarks, report, tuple(size), matrices)
+
+
+def _lower_crops(frames: np.ndarray, matrices: np.ndarray, resolution: int) -> np.ndarray:
+    """(n, H, W, 3) frames, (n, 2, 3) matrices (NaN rows: no face) -> (n, R/2, R, 3) uint8."""
+    out = np.zeros((len(frames), resolution // 2, resolution, 3), dtype=np.uint8)
+    ok = np.isfinite(matrices).all(axis=(1, 2))
+    if ok.any():
+        warped = warp_faces(frames[ok], matrices[ok], resolution)
+        out[ok] = lower_half(to_uint8(crops_to_model_input(warped, resolution)))
+    return out
+
+
+def crops_along_track(
+    video: str | os.PathLike, track: FaceCrops, resolution: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lower-half crops of ``video`` cut with another video's face track (the source a
+    lip-synced output was made from: same faces, same places). Output frame ``i`` uses the
+    source frame the pipeline used for it (ping-pong looping when the output is longer).
+    Returns (T, R/2, R, 3) uint8 crops and (T,) usable flags."""
+    if track.matrices is None:
+        raise ValueError("the track has no alignment matrices")
+    lowers, usable = [], []
+    n_src = len(track.usable)
+    with iter_frames(video, fps=FPS, batch=16) as reader:
+        for batch in reader:
+            src = output_frame_indices(n_src, int(batch.indices[-1]) + 1, loop=True)
+            idx = src[batch.indices]
+            lowers.append(_lower_crops(batch.frames, track.matrices[idx], resolution))
+            usable.append(track.usable[idx])
+    if not lowers:
+        raise VideoError(f"no video frames in {video}")
+    return np.concatenate(lowers), np.concatenate(usable)
 
 
 class _Report:

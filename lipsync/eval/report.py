@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lipsync.eval.sync import NOT_COMPARABLE, SyncResult  # noqa: E402
@@ -60,7 +61,7 @@ def plot_suite(
     model: str,
 ) -> Path:
     """Sync confidence over time (every clip, per task) and the offset histograms."""
-    tasks = sorted({task for _, task in results})
+    tasks = list(dict.fromkeys(task for _, task in results))  # in the order they came
     fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 7), squeeze=False)
     for col, task in enumerate(tasks):
         ax = axes[0, col]
@@ -82,6 +83,7 @@ def plot_suite(
         ax.set_title(f"{task}: estimated offsets ({len(offsets)} clips)")
         ax.set_xlabel("offset (frames; + = audio lags video)")
         ax.set_ylabel("clips")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"model {model} — SyncNet {syncnet} (numbers not comparable to published "
                  "LSE-C)", fontsize=9)  # fmt: skip
     fig.tight_layout()
@@ -89,9 +91,13 @@ def plot_suite(
 
 
 def frame_strip(
-    rows: Sequence[tuple[str, np.ndarray]], path: str | os.PathLike, title: str = ""
+    rows: Sequence[tuple[str, Sequence[np.ndarray]]],
+    path: str | os.PathLike,
+    title: str = "",
+    columns: Sequence[str] = (),
 ) -> Path:
-    """Labelled rows of frames side by side: ``[(label, (k, H, W, 3) uint8)]``."""
+    """Labelled rows of images side by side: ``[(label, [(H, W, 3) uint8, …])]``; ``columns``
+    titles the columns (e.g. the time of each frame)."""
     k = max(len(frames) for _, frames in rows)
     fig, axes = plt.subplots(len(rows), k, figsize=(1.9 * k, 2.0 * len(rows)), squeeze=False)
     for r, (label, frames) in enumerate(rows):
@@ -101,6 +107,8 @@ def frame_strip(
             ax.set_yticks([])
             if c < len(frames):
                 ax.imshow(frames[c])
+            if r == 0 and c < len(columns):
+                ax.set_title(columns[c], fontsize=8)
             if c == 0:
                 ax.set_ylabel(label, fontsize=9)
     if title:

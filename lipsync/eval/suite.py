@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from lipsync.audio import load_audio
 from lipsync.checkpoints import load_unet
 from lipsync.errors import MediaError
 from lipsync.eval import report
 from lipsync.eval.compare import compare_videos
-from lipsync.eval.sync import SyncResult, SyncScorer, WindowScore, score_video
+from lipsync.eval.faces import crops_along_track, track_and_crop
+from lipsync.eval.sync import SyncResult, SyncScorer, WindowScore
 from lipsync.media import read_frames
 from lipsync.models.bundle import load_models
 from lipsync.pipeline import LipSyncPipeline, RunOptions
@@ -58,6 +60,7 @@ class SuiteOptions:
     syncnet: Path | None = None
     syncnet_config: dict | None = None
     strip_frames: int = 6
+    min_face_size: int = 64
 
 
 def list_clips(data: str | os.PathLike, split: str) -> list[Path]:
@@ -109,13 +112,30 @@ def _load_pipeline(options: SuiteOptions) -> tuple[LipSyncPipeline, str]:
     return LipSyncPipeline(models), name
 
 
-def _strip(clip: Path, videos: dict[str, Path], path: Path, k: int, title: str) -> None:
-    rows = []
+def _face_box(landmarks: np.ndarray | None, h: int, w: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the face's landmarks' box widened by 25 % (the whole frame without)."""
+    if landmarks is None:
+        return 0, 0, w, h
+    (x0, y0), (x1, y1) = landmarks.min(0), landmarks.max(0)
+    mx, my = 0.25 * (x1 - x0), 0.25 * (y1 - y0)
+    return (int(max(0, x0 - mx)), int(max(0, y0 - my)), int(min(w, x1 + mx)),
+            int(min(h, y1 + my)))  # fmt: skip
+
+
+def _strip(videos: dict[str, Path], track, path: Path, k: int, title: str) -> None:
+    """The face (from the source's track) in ``k`` evenly spaced frames of each video."""
+    rows, times = [], []
     for label, video in videos.items():
         frames = read_frames(video)
         idx = np.linspace(0, len(frames) - 1, k).round().astype(int) if len(frames) else []
-        rows.append((label, frames[idx]))
-    report.frame_strip(rows, path, title=title)
+        times = times or [f"frame {i} ({i / 25:.2f} s)" for i in idx]
+        crops = []
+        for i in idx:
+            lm = track.landmarks[i] if i < len(track.landmarks) else None
+            x0, y0, x1, y1 = _face_box(lm, *frames.shape[1:3])
+            crops.append(frames[i, y0:y1, x0:x1])
+        rows.append((label, crops))
+    report.frame_strip(rows, path, title=title, columns=times)
 
 
 def _clip_record(
@@ -123,13 +143,20 @@ def _clip_record(
 ) -> dict[str, Any]:
     videos = out / "videos"
     videos.mkdir(parents=True, exist_ok=True)
-    run = RunOptions(steps=options.steps, seed=options.seed, force=True)
+    run = RunOptions(steps=options.steps, seed=options.seed, force=True,
+                     min_face_size=options.min_face_size)  # fmt: skip
+    res = scorer.model.config.resolution
+    # the source's face track serves its outputs too (same faces, same places): a garbled
+    # generated mouth cannot make the tracker lose the face
+    track = track_and_crop(clip, res, min_face_size=options.min_face_size)
+    record: dict[str, Any] = {"clip": clip.stem, "source": str(clip), "tasks": {}}
+    sync = scorer.score(track.lower, load_audio(clip), usable=track.usable)
+    record["tasks"]["original"] = {"sync": sync.as_dict()}
     recon = videos / f"{clip.stem}.reconstruction.mp4"
     pipeline.run(clip, clip, recon, run)
-    record: dict[str, Any] = {"clip": clip.stem, "source": str(clip), "tasks": {}}
-    record["tasks"]["original"] = {"sync": score_video(scorer, clip).as_dict()}
+    crops, usable = crops_along_track(recon, track, res)
     record["tasks"]["reconstruction"] = {
-        "sync": score_video(scorer, recon).as_dict(),
+        "sync": scorer.score(crops, load_audio(recon), usable=usable).as_dict(),
         "compare": compare_videos(recon, clip, device=scorer.device).as_dict(),
         "video": str(recon),
     }
@@ -137,14 +164,15 @@ def _clip_record(
     if partner is not None:
         dub = videos / f"{clip.stem}.dubbing.mp4"
         pipeline.run(clip, partner, dub, run)
+        crops, usable = crops_along_track(dub, track, res)
         record["tasks"]["dubbing"] = {
-            "sync": score_video(scorer, dub).as_dict(),
+            "sync": scorer.score(crops, load_audio(dub), usable=usable).as_dict(),
             "audio_from": partner.stem,
             "video": str(dub),
         }
         shown["dubbing"] = dub
     strip = out / "strips" / f"{clip.stem}.png"
-    _strip(clip, shown, strip, options.strip_frames, f"{clip.stem} — model {name}")
+    _strip(shown, track, strip, options.strip_frames, f"{clip.stem} — model {name}")
     record["strip"] = str(strip.relative_to(out))
     return record
 

@@ -271,6 +271,7 @@ class SyncNetTrainer:
         metrics = evaluate_pairs(
             model, dataset, max_pairs=self.cfg.val_pairs, batch_size=self.cfg.val_batch_size,
             device=self.ctx.device, autocast_dtype=self.amp, seed=self.cfg.seed,
+            num_workers=self.cfg.num_workers,
             rank=self.ctx.rank, world_size=self.ctx.world_size,
             reduce_sum=self.ctx.all_reduce_sum,
         )  # fmt: skip

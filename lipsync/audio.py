@@ -19,6 +19,10 @@ Pipeline (each step as in LatentSync's ``latentsync/whisper``):
    ``T = sum(valid // 2) == len(wav) // 320`` except when a window holds an odd frame count.
 4. :func:`frame_windows` builds one ``(50, 384)`` conditioning window per video frame.
 
+SyncNet eats a different, Wav2Lip-style spectrogram: :func:`syncnet_mel` (80 frames per second,
+values in [-4, 4]) cut into one ``(80, 52)`` window per 16 video frames by
+:func:`syncnet_mel_window`.
+
 Frame-window policy (LatentSync ``Audio2Feature.feature2chunks`` / ``get_sliced_feature``):
 
 * Video frame ``i`` at ``fps`` has centre ``c = int(i * 50 / fps)`` (50 feature positions per
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
@@ -125,14 +130,24 @@ def _mel_to_hz(m: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def mel_filters(sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = 80) -> np.ndarray:
+def mel_filters(
+    sample_rate: int = SAMPLE_RATE,
+    n_fft: int = N_FFT,
+    n_mels: int = 80,
+    fmin: float = 0.0,
+    fmax: float | None = None,
+) -> np.ndarray:
     """Slaney-style, area-normalised triangular mel filterbank, (n_mels, n_fft // 2 + 1) float32.
 
-    Same as ``librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels)`` (fmin 0,
-    fmax sr/2), which is what Whisper's ``mel_filters.npz`` stores.
+    Same as ``librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin,
+    fmax=fmax)``; the defaults (fmin 0, fmax sr/2) are what Whisper's ``mel_filters.npz`` stores,
+    SyncNet's Wav2Lip-style spectrogram uses 55-7600 Hz.
     """
+    fmax = sample_rate / 2.0 if fmax is None else float(fmax)
+    if not 0.0 <= fmin < fmax <= sample_rate / 2.0:
+        raise ValueError(f"need 0 <= fmin < fmax <= {sample_rate / 2}, got {fmin}, {fmax}")
     fft_freqs = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)
-    mel_pts = np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2.0), n_mels + 2)
+    mel_pts = np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2)
     hz_pts = _mel_to_hz(mel_pts)
     widths = np.diff(hz_pts)
     ramps = hz_pts[:, None] - fft_freqs[None, :]
@@ -185,6 +200,89 @@ def log_mel_spectrogram(wav: torch.Tensor | np.ndarray, n_mels: int = 80) -> tor
         log_spec[:, f0:f1] = torch.clamp(filters @ power, min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+# --------------------------------------------------------------------------------------------
+# SyncNet's mel spectrogram (Wav2Lip-style, as LatentSync's StableSyncNet eats it)
+
+SYNCNET_N_FFT = 800  # 50 ms
+SYNCNET_HOP = 200  # 12.5 ms: 80 mel frames per second
+SYNCNET_MEL_FPS = SAMPLE_RATE // SYNCNET_HOP
+SYNCNET_PREEMPHASIS = 0.97
+SYNCNET_FMIN, SYNCNET_FMAX = 55.0, 7600.0
+SYNCNET_REF_DB = 20.0  # subtracted after amplitude -> dB
+SYNCNET_MIN_DB = -100.0  # amplitude floor 1e-5 and the bottom of the normalised range
+SYNCNET_MAX_ABS = 4.0  # values are scaled to [-4, 4]
+_SYNCNET_BLOCK_FRAMES = 8000  # STFT frames per block (100 s): bounded memory on long clips
+
+
+def syncnet_mel(wav16k: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """SyncNet's mel spectrogram of a 16 kHz mono clip: (80, len(wav) // 200 + 1) float32.
+
+    The Wav2Lip recipe LatentSync's SyncNet data uses: pre-emphasis ``x[n] - 0.97 x[n-1]``; STFT
+    with n_fft = win = 800, hop 200, periodic Hann window, centred with *zero* padding (librosa
+    >= 0.10's default); magnitude (not power) through 80 Slaney mel filters over 55-7600 Hz;
+    ``20 log10(max(x, 1e-5)) - 20`` dB; then ``clip(8 (dB + 100) / 100 - 4, -4, 4)``.
+    80 frames per second, frame ``k`` centred on sample ``200 k``.
+
+    ``wav16k``: float samples in [-1, 1] (numpy or torch; a torch tensor is processed on its
+    device). Returns float32 on that device (CPU for numpy input).
+    """
+    wav = _as_waveform(wav16k, min_samples=1, keep_device=True).double()
+    # pre-emphasis (scipy.signal.lfilter([1, -0.97], [1], x) with a zero initial state)
+    wav = torch.cat([wav[:1], wav[1:] - SYNCNET_PREEMPHASIS * wav[:-1]])
+    pad = SYNCNET_N_FFT // 2
+    padded = F.pad(wav, (pad, pad))  # centre=True with constant (zero) padding
+    n_frames = wav.shape[0] // SYNCNET_HOP + 1
+    window = torch.hann_window(SYNCNET_N_FFT, dtype=torch.float64, device=wav.device)
+    filters = mel_filters(SAMPLE_RATE, SYNCNET_N_FFT, 80, SYNCNET_FMIN, SYNCNET_FMAX)
+    filters = torch.from_numpy(np.array(filters)).to(device=wav.device, dtype=torch.float64)
+    out = torch.empty(80, n_frames, dtype=torch.float32, device=wav.device)
+    floor = 10.0 ** (SYNCNET_MIN_DB / 20.0)
+    for f0 in range(0, n_frames, _SYNCNET_BLOCK_FRAMES):
+        f1 = min(f0 + _SYNCNET_BLOCK_FRAMES, n_frames)
+        seg = padded[f0 * SYNCNET_HOP : (f1 - 1) * SYNCNET_HOP + SYNCNET_N_FFT]
+        spec = torch.stft(
+            seg, SYNCNET_N_FFT, SYNCNET_HOP, window=window, center=False, return_complex=True
+        )
+        db = 20.0 * torch.log10(torch.clamp(filters @ spec.abs(), min=floor)) - SYNCNET_REF_DB
+        scaled = 2 * SYNCNET_MAX_ABS * (db - SYNCNET_MIN_DB) / -SYNCNET_MIN_DB - SYNCNET_MAX_ABS
+        out[:, f0:f1] = scaled.clamp(-SYNCNET_MAX_ABS, SYNCNET_MAX_ABS).float()
+    return out
+
+
+def syncnet_mel_window_length(num_frames: int = 16, fps: float = 25) -> int:
+    """Mel frames SyncNet sees for ``num_frames`` video frames: ``ceil(num_frames / fps * 80)``
+    (the reference's ``ceil(num_frames / 5 * 16)`` at 25 fps: 52 for 16 frames)."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    return math.ceil(Fraction(num_frames * SYNCNET_MEL_FPS) / Fraction(_check_fps(fps)))
+
+
+def syncnet_mel_start(start_frame: int, fps: float = 25) -> int:
+    """First mel frame of the window starting at video frame ``start_frame``:
+    ``int(80 * start_frame / fps)`` (the reference's rule)."""
+    return int(SYNCNET_MEL_FPS * (start_frame / _check_fps(fps)))
+
+
+def syncnet_mel_window(
+    mel: torch.Tensor, start_frame: int, num_frames: int = 16, fps: float = 25
+) -> torch.Tensor:
+    """The mel window for ``num_frames`` video frames from ``start_frame``: (80, T) -> (80, 52).
+
+    Raises :class:`AudioError` when the window does not fit inside ``mel`` (the reference skips
+    such windows).
+    """
+    if start_frame < 0:
+        raise ValueError(f"start_frame must be >= 0, got {start_frame}")
+    start = syncnet_mel_start(start_frame, fps)
+    length = syncnet_mel_window_length(num_frames, fps)
+    if start + length > mel.shape[-1]:
+        raise AudioError(
+            f"audio too short for a SyncNet window at frame {start_frame}: needs mel frames "
+            f"{start}..{start + length - 1}, the clip has {mel.shape[-1]}"
+        )
+    return mel[..., start : start + length]
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,9 +525,11 @@ class AudioEncoder:
         return num_frame_windows(features.shape[0], fps)
 
 
-def _as_waveform(wav: np.ndarray | torch.Tensor) -> torch.Tensor:
+def _as_waveform(
+    wav: np.ndarray | torch.Tensor, min_samples: int = MIN_SAMPLES, keep_device: bool = False
+) -> torch.Tensor:
     if isinstance(wav, torch.Tensor):
-        wav = wav.detach().cpu()
+        wav = wav.detach() if keep_device else wav.detach().cpu()
         is_float = wav.is_floating_point()
     else:
         wav = np.asarray(wav)
@@ -443,9 +543,9 @@ def _as_waveform(wav: np.ndarray | torch.Tensor) -> torch.Tensor:
     wav = torch.as_tensor(wav, dtype=torch.float32)
     if wav.shape[0] == 0:
         raise AudioError("audio is empty (zero samples)")
-    if wav.shape[0] < MIN_SAMPLES:
+    if wav.shape[0] < min_samples:
         raise AudioError(
-            f"audio too short: {wav.shape[0]} samples (need at least {MIN_SAMPLES} at 16 kHz)"
+            f"audio too short: {wav.shape[0]} samples (need at least {min_samples} at 16 kHz)"
         )
     if not torch.isfinite(wav).all():
         raise AudioError("audio contains NaN or infinite samples")

@@ -22,6 +22,10 @@ from lipsync.audio import (
     log_mel_spectrogram,
     mel_filters,
     num_frame_windows,
+    syncnet_mel,
+    syncnet_mel_start,
+    syncnet_mel_window,
+    syncnet_mel_window_length,
 )
 from lipsync.errors import AudioError, CheckpointError, CheckpointNotFoundError
 
@@ -107,6 +111,19 @@ def test_long_audio_is_encoded_in_independent_30s_windows(encoder):
 
 # ------------------------------------------------------------------------------------------
 # log-mel
+
+
+def test_mel_filters_band_limited_like_librosa():
+    # librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600): the band limits
+    # move the first and last filters, the normalisation keeps each filter's area 2 / bandwidth
+    m = mel_filters(16000, 800, 80, 55.0, 7600.0)
+    assert m.shape == (80, 401) and m.dtype == np.float32
+    freqs = np.fft.rfftfreq(800, 1 / 16000)
+    assert freqs[np.nonzero(m[0])[0]].min() > 55.0
+    assert freqs[np.nonzero(m[79])[0]].max() < 7600.0
+    assert not np.array_equal(m, mel_filters(16000, 800, 80))
+    with pytest.raises(ValueError, match="fmin < fmax"):
+        mel_filters(16000, 800, 80, 100.0, 50.0)
 
 
 def test_mel_filters_are_librosa_slaney():
@@ -384,3 +401,72 @@ def test_lazy_features_equal_eager_features_on_long_audio(encoder):
         b = frame_windows(lazy, 25, start=start, stop=stop)
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert len(lazy._cache) <= 2
+
+
+# ------------------------------------------------------------------------------------------
+# SyncNet's Wav2Lip-style mel spectrogram
+
+SYNCNET_MEL = SHARED / "reference/syncnet/mel_demo1.safetensors"
+
+
+@pytest.fixture(scope="module")
+def syncnet_mel_expected() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(SYNCNET_MEL))
+
+
+def test_syncnet_mel_matches_reference(syncnet_mel_expected):
+    wav = syncnet_mel_expected["wav"]
+    assert np.array_equal(load_audio(DEMO_WAV), wav.numpy())  # same samples as the reference
+    for given in (wav, wav.numpy(), wav.double()):
+        mel = syncnet_mel(given)
+        assert mel.dtype == torch.float32 and mel.shape == (80, 769)
+        assert (mel - syncnet_mel_expected["mel"]).abs().max().item() <= 1e-3
+
+
+def test_syncnet_mel_window_matches_reference(syncnet_mel_expected):
+    mel = syncnet_mel(syncnet_mel_expected["wav"])
+    window = syncnet_mel_window(mel, 40)
+    assert window.shape == (80, 52)
+    assert (window - syncnet_mel_expected["window_frame40"]).abs().max().item() <= 1e-3
+
+
+def test_syncnet_mel_window_rule():
+    assert syncnet_mel_window_length(16) == 52  # ceil(16 / 5 * 16)
+    assert syncnet_mel_window_length(5) == 16
+    assert [syncnet_mel_start(f) for f in (0, 1, 2, 3, 40)] == [0, 3, 6, 9, 128]
+    assert syncnet_mel_start(3, fps=30) == 8  # int(80 * 3 / 30)
+    mel = torch.arange(80 * 60, dtype=torch.float32).reshape(80, 60)
+    assert torch.equal(syncnet_mel_window(mel, 2), mel[:, 6:58])
+    with pytest.raises(AudioError, match="too short for a SyncNet window at frame 3"):
+        syncnet_mel_window(mel, 3)  # needs mel frames 9..60
+
+
+def test_syncnet_mel_blocks_match_one_stft(monkeypatch):
+    rng = np.random.default_rng(3)
+    wav = (0.3 * rng.standard_normal(16000 + 77)).astype(np.float32)
+    whole = syncnet_mel(wav)
+    monkeypatch.setattr(audio_mod, "_SYNCNET_BLOCK_FRAMES", 7)
+    assert torch.equal(syncnet_mel(wav), whole)
+    assert whole.shape == (80, (16000 + 77) // 200 + 1)
+
+
+def test_syncnet_mel_range_and_silence():
+    mel = syncnet_mel(np.zeros(4000, np.float32))
+    assert mel.shape == (80, 21) and torch.all(mel == -4.0)  # below the -100 dB floor
+    loud = syncnet_mel(np.sin(np.arange(16000) * 0.3).astype(np.float32))
+    assert loud.min() >= -4.0 and loud.max() <= 4.0
+
+
+@pytest.mark.parametrize(
+    ("wav", "message"),
+    [
+        (np.zeros(0, np.float32), "empty"),
+        (np.zeros(16000, np.int16), "float waveform"),
+        (np.full(16000, np.inf, np.float32), "NaN or infinite"),
+    ],
+)
+def test_syncnet_mel_rejects_bad_waveforms(wav, message):
+    with pytest.raises(AudioError, match=message):
+        syncnet_mel(wav)

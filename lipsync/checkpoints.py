@@ -13,6 +13,7 @@ and ``cache_dir()/sd-vae-ft-mse/`` holds the diffusers VAE (config.json + safete
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterable, Mapping
@@ -135,7 +136,7 @@ def check_state_dict(
     if mismatched:
         shown = ", ".join(f"{k}: file {list(a)} vs model {list(b)}" for k, a, b in mismatched[:3])
         parts.append(f"{len(mismatched)} keys of the wrong shape ({shown})")
-    cause = _likely_cause(what, expected, state, missing, unexpected, top_level)
+    cause = _likely_cause(what, expected, state, missing, unexpected, top_level, mismatched)
     source = f" {path}" if path else ""
     raise CheckpointError(
         f"checkpoint{source} does not fit the {what} ({len(state)} tensors in the file, "
@@ -143,12 +144,20 @@ def check_state_dict(
     )
 
 
-def _likely_cause(what, expected, state, missing, unexpected, top_level) -> str:
+def _likely_cause(what, expected, state, missing, unexpected, top_level, mismatched=()) -> str:
     kind = guess_checkpoint_kind(state.keys(), top_level)
     if kind and "U-Net" not in kind and "U-Net" in what:
         return f"this is {kind}, not a U-Net: pass the file for the right model"
     if kind and "Whisper" in what and "Whisper" not in kind:
         return f"this is {kind}, not a Whisper encoder"
+    if "SyncNet" in what:
+        if kind and "SyncNet" not in kind:
+            return f"this is {kind}, not a SyncNet: pass the file for the right model"
+        if mismatched or missing or unexpected:
+            return (
+                "a SyncNet of another size or layout: give the config it was trained with "
+                "(--syncnet-config), or a file written by lipsync train syncnet (which carries it)"
+            )
     if missing and all(".motion_modules." in k for k in missing):
         return (
             "the file has no (or fewer) motion-module weights: a stage-1 or 'efficient' checkpoint "
@@ -210,6 +219,95 @@ def random_unet(config: Mapping[str, Any], seed: int = 0, device="cpu", dtype=to
         with device:  # initialise in place on the target device (fast for full-size models)
             model = UNet3D.from_config(dict(config))
     return model.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file ({} for other files or none stored)."""
+    path = Path(path).expanduser()
+    if path.suffix not in SAFETENSORS_SUFFIXES or not path.is_file():
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} as safetensors: {e}") from e
+
+
+SYNCNET_OFFICIAL_CONFIG = "syncnet_16_pixel_attn_config.json"
+SYNCNET_FORMAT = "lipsync.syncnet/1"
+
+
+def load_syncnet(
+    path: str | os.PathLike,
+    config: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, dict[str, Any]]:
+    """Load a SyncNet strictly: ``(model, info)``, the model in eval mode without gradients.
+
+    The architecture comes from ``config`` when given, else from the config stored in the file
+    (files written by :func:`save_syncnet` / ``lipsync train syncnet``), else the official
+    ``syncnet_16_pixel_attn`` config (``stable_syncnet.pt``). ``info`` holds ``name`` (how
+    reports name this SyncNet), ``path``, ``config`` and the file's other metadata.
+    """
+    from lipsync.config import load_packaged_config
+    from lipsync.models.syncnet import StableSyncNet
+
+    path = Path(path).expanduser()
+    raw = read_checkpoint(path)
+    meta = read_safetensors_metadata(path)
+    if not meta and isinstance(raw.get("lipsync"), Mapping):
+        meta = {k: v for k, v in raw["lipsync"].items() if isinstance(v, str)}
+    state = unwrap_state_dict(raw, path)
+    if config is not None:
+        cfg, source = dict(config), "given config"
+    elif "config" in meta:
+        try:
+            cfg, source = json.loads(meta["config"]), "config stored in the file"
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: the stored SyncNet config is not JSON ({e})") from e
+    else:
+        cfg, source = load_packaged_config(SYNCNET_OFFICIAL_CONFIG), "official config"
+    with torch.device("meta"):
+        model = StableSyncNet.from_config(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(expected, state, f"SyncNet ({source})", path, top_level=raw.keys())
+    model.load_state_dict(_convert(state, device, dtype), strict=True, assign=True)
+    name = meta.get("name") or (
+        f"{path.name} (official StableSyncNet architecture)"
+        if source == "official config"
+        else path.name
+    )
+    info = {**meta, "name": name, "path": str(path), "config": model.config.to_dict()}
+    return model.eval().requires_grad_(False), info
+
+
+def save_syncnet(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    name: str,
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write a SyncNet as safetensors (``dtype`` storage) with its config and ``name`` in the
+    metadata, atomically (temporary file + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        **dict(metadata or {}),
+        "format": SYNCNET_FORMAT,
+        "name": name,
+        "config": json.dumps(model.config.to_dict()),
+    }
+    tmp = path.with_name(path.name + ".part")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
 
 
 # --------------------------------------------------------------------------- finding files

@@ -143,17 +143,27 @@ class Attention(nn.Module):
     """Multi-head attention with the checkpoint's ``to_q/to_k/to_v/to_out.0`` names.
 
     Self-attention when ``context`` is None, otherwise cross-attention on ``context``.
+    ``qkv_bias``: the q/k/v projections have biases (SyncNet's attention; the U-Net's have none).
+    ``dropout`` applies to the output (``to_out.1``), as in diffusers.
     """
 
-    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None):
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         inner = heads * dim_head
         context_dim = context_dim if context_dim is not None else query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (n, L, query_dim); context: (n, S, context_dim) or None -> (n, L, query_dim)
@@ -164,7 +174,7 @@ class Attention(nn.Module):
         v = self.to_v(context).view(n, context.shape[1], self.heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # (n, heads, L, dim_head)
         out = out.transpose(1, 2).reshape(n, length, -1)
-        return self.to_out[0](out)
+        return self.to_out[1](self.to_out[0](out))
 
 
 class GEGLU(nn.Module):
@@ -181,13 +191,14 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU feed-forward with 4× expansion (``ff.net.0`` GEGLU, ``ff.net.2`` output linear)."""
+    """GEGLU feed-forward with 4× expansion (``ff.net.0`` GEGLU, ``ff.net.1`` dropout,
+    ``ff.net.2`` output linear)."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         inner = dim * mult
-        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., dim) -> (..., dim)
-        return self.net[2](self.net[0](x))
+        return self.net[2](self.net[1](self.net[0](x)))

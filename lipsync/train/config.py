@@ -193,6 +193,7 @@ class CheckpointSection:
 @dataclass
 class ValidationSection:
     every: int = 1000  # steps (0: never); validation loss on fixed held-out windows
+    at_start: bool = False  # also before the first step (the starting point of the val curve)
     windows: int = 8
     videos: int = 1  # held-out windows rendered to mp4 with a short real inference (0: none)
     video_every: int | None = None  # steps; None: same as ``every``

@@ -174,3 +174,69 @@ def unet_config_dict(out: Path, stage: int = 1, **sections) -> dict:
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(json.dumps(cfg, indent=1))
     return path
+
+
+# 16 frames of 64 px faces (the demo recipe's window length at test size)
+TINY_SYNCNET_16 = {
+    "num_frames": 16,
+    "resolution": RES,
+    "audio_encoder": {
+        "in_channels": 1,
+        "block_out_channels": [32, 32, 32, 32, 64, 64],
+        "downsample_factors": [[2, 1], 2, 2, 2, [5, 2], [1, 2]],
+        "attn_blocks": [0, 0, 0, 0, 0, 0],
+    },
+    "visual_encoder": {
+        "in_channels": 48,
+        "block_out_channels": [32, 32, 32, 32, 64, 64],
+        "downsample_factors": [[1, 2], 2, 2, 2, 2, 2],
+        "attn_blocks": [0, 0, 0, 0, 0, 0],
+    },
+}
+
+
+def write_tiny_syncnet_16(path: Path) -> Path:
+    from lipsync.checkpoints import save_syncnet
+    from lipsync.models.syncnet import StableSyncNet
+
+    torch.manual_seed(1)
+    save_syncnet(StableSyncNet.from_config(TINY_SYNCNET_16), path, name="tiny 16-frame syncnet")
+    return path
+
+
+def make_processed_corpus(root: Path, splits=(("train", 4), ("val", 2)), frames: int = 56) -> Path:
+    """A small processed corpus in the layout of ``lipsync data process`` (final/<id>.mp4 with
+    AAC audio + final/<id>.json with split, frames and viseme labels): toy faces whose mouth
+    opens with the loudness of a voiced tone."""
+    from lipsync.media import write_video
+
+    final = root / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for split, count in splits:
+        for _ in range(count):
+            rng = _rng("corpus", n)
+            knots = rng.uniform(0, 1, frames // 3 + 2)
+            loud = np.interp(np.arange(frames) / 3.0, np.arange(len(knots)), knots)
+            video = np.stack([((_face(n, v).transpose(1, 2, 0) + 1) * 127.5).round()
+                              for v in loud]).astype(np.uint8)  # fmt: skip
+            t = np.arange(frames * 640) / 16000.0
+            env = np.repeat(loud, 640)
+            tone = sum(np.sin(2 * np.pi * f0 * t) / k for k, f0 in enumerate((150, 300, 450), 1))
+            wav = (0.3 * env * tone).astype(np.float32)
+            seg = f"seg-{n:03d}"
+            write_video(final / f"{seg}.mp4", video, fps=25, audio=wav, crf=12)
+            visemes = [[float(v), 0.5, 0.0, 0.0, 0.0] for v in loud]
+            record = {
+                "schema": "lipsync.segment/1", "id": seg, "split": split, "fps": 25,
+                "sample_rate": 16000, "resolution": RES, "frames": frames,
+                "media": f"{seg}.mp4",
+                "labels": {"identity": f"toy{n % 2}", "voice": {"name": "en", "variant": "m1"},
+                           "sentence_id": f"s{n:03d}",
+                           "phones": [{"label": "AA", "start": 0.1, "end": 0.5}],
+                           "visemes": {"names": ["open", "width", "round", "teeth", "tongue"],
+                                       "per_frame": visemes}},
+            }  # fmt: skip
+            (final / f"{seg}.json").write_text(json.dumps(record))
+            n += 1
+    return root

@@ -91,6 +91,7 @@ class LoopSettings:
     lr: float = 1e-4
     schedule: str = "constant"
     warmup_steps: int = 0
+    warmup_from: int = 0  # step the warm-up starts at (a resume without optimizer state)
     seed: int = 0
     save_optimizer: bool = True
     ema_decay: float | None = None  # None: no EMA
@@ -266,7 +267,10 @@ class TrainLoop:
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
     def _set_lr(self) -> float:
-        factor = lr_factor(self.step, self.s.warmup_steps, self.s.max_steps, self.s.schedule)
+        offset = self.s.warmup_from
+        factor = lr_factor(
+            self.step - offset, self.s.warmup_steps, self.s.max_steps - offset, self.s.schedule
+        )
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
         return self.base_lrs[0] * factor

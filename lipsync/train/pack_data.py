@@ -18,11 +18,8 @@ step) only, so a resumed run draws the same batches.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lipsync.audio import AudioEncoder, syncnet_mel, syncnet_mel_window_length
 from lipsync.face.mask import make_mask
@@ -206,18 +203,3 @@ def mouth_weight(resolution: int, device) -> torch.Tensor:
     keep = torch.from_numpy(make_mask(resolution)).float().to(device)
     return (1.0 - keep)[None, None]
 
-
-def lower_half(x: torch.Tensor) -> torch.Tensor:
-    return x[..., x.shape[-2] // 2 :, :]
-
-
-def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(mask[None, None], size=(size, size), mode="nearest")[0, 0]
-
-
-def split_minutes(frames: int) -> float:
-    return round(frames / 25 / 60, 2)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -98,6 +99,9 @@ def wrap_model(
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # FSDP2 warns when a wrapped block returns a view (the U-Net's blocks do, via reshapes);
+        # only an in-place op on that output would be wrong, and the U-Net applies none.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
         for module in model.modules():
             if isinstance(module, blocks):
                 fully_shard(module)

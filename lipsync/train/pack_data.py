@@ -202,4 +202,3 @@ def mouth_weight(resolution: int, device) -> torch.Tensor:
     """(1, 1, R, R): 1 where the U-Net regenerates the face (mask 0), else 0."""
     keep = torch.from_numpy(make_mask(resolution)).float().to(device)
     return (1.0 - keep)[None, None]
-

@@ -53,6 +53,7 @@ class EncoderConfig:
     downsample_factors: tuple[Factor, ...]
     attn_blocks: tuple[int, ...]
     dropout: float = 0.0
+    norm_num_groups: int = NORM_GROUPS  # not in the reference config (fixed at 32 there)
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], name: str) -> EncoderConfig:
@@ -60,7 +61,7 @@ class EncoderConfig:
         unknown = sorted(set(cfg) - names)
         if unknown:
             raise ConfigError(f"unknown SyncNet {name} config keys: {', '.join(unknown)}")
-        missing = sorted(n for n in names - {"dropout"} if n not in cfg)
+        missing = sorted(n for n in names - {"dropout", "norm_num_groups"} if n not in cfg)
         if missing:
             raise ConfigError(f"SyncNet {name} config lacks: {', '.join(missing)}")
         factors = tuple(
@@ -72,6 +73,7 @@ class EncoderConfig:
             downsample_factors=factors,
             attn_blocks=tuple(int(a) for a in cfg["attn_blocks"]),
             dropout=float(cfg.get("dropout", 0.0)),
+            norm_num_groups=int(cfg.get("norm_num_groups", NORM_GROUPS)),
         )
         config.validate(name)
         return config
@@ -85,9 +87,10 @@ class EncoderConfig:
                 f"{len(self.attn_blocks)})"
             )
         for ch in self.block_out_channels:
-            if ch % NORM_GROUPS or ch % ATTENTION_HEADS:
+            if ch % self.norm_num_groups or ch % ATTENTION_HEADS:
                 raise ConfigError(
-                    f"SyncNet {name}: channels {ch} not divisible by the {NORM_GROUPS} norm groups"
+                    f"SyncNet {name}: channels {ch} not divisible by the {self.norm_num_groups} "
+                    f"norm groups and {ATTENTION_HEADS} attention heads"
                 )
         if any(a not in (0, 1) for a in self.attn_blocks):
             raise ConfigError(f"SyncNet {name}: attn_blocks entries must be 0 or 1")
@@ -109,7 +112,11 @@ class EncoderConfig:
         return height, width
 
     def to_dict(self) -> dict[str, Any]:
+        extra = (
+            {} if self.norm_num_groups == NORM_GROUPS else {"norm_num_groups": self.norm_num_groups}
+        )
         return {
+            **extra,
             "in_channels": self.in_channels,
             "block_out_channels": list(self.block_out_channels),
             "downsample_factors": [
@@ -208,11 +215,13 @@ class ResnetBlock(nn.Module):
     """GroupNorm → SiLU → conv → GroupNorm → SiLU → dropout → conv, plus the (1×1) skip, then
     the optional strided 3×3 downsampling convolution."""
 
-    def __init__(self, in_channels: int, out_channels: int, factor: Factor, dropout: float):
+    def __init__(
+        self, in_channels: int, out_channels: int, factor: Factor, dropout: float, groups: int
+    ):
         super().__init__()
-        self.norm1 = nn.GroupNorm(NORM_GROUPS, in_channels, eps=NORM_EPS, affine=True)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=NORM_EPS, affine=True)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = nn.GroupNorm(NORM_GROUPS, out_channels, eps=NORM_EPS, affine=True)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=NORM_EPS, affine=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.conv_shortcut = (
@@ -243,10 +252,10 @@ class AttentionBlock(nn.Module):
     """GroupNorm → 1×1 conv in → pre-LayerNorm self-attention and GEGLU feed-forward over the
     h·w positions → 1×1 conv out, plus the input."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, groups: int):
         super().__init__()
         # registered in the official file's key order
-        self.norm1 = nn.GroupNorm(NORM_GROUPS, channels, eps=NORM_EPS, affine=True)
+        self.norm1 = nn.GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
         self.norm2 = nn.LayerNorm(channels)
         self.norm3 = nn.LayerNorm(channels)
         self.ff = FeedForward(channels, dropout=dropout)
@@ -278,11 +287,12 @@ class DownEncoder(nn.Module):
         for out, factor, attn in zip(
             ch, config.downsample_factors, config.attn_blocks, strict=True
         ):
-            self.down_blocks.append(ResnetBlock(prev, out, factor, config.dropout))
+            groups = config.norm_num_groups
+            self.down_blocks.append(ResnetBlock(prev, out, factor, config.dropout, groups))
             if attn:
-                self.down_blocks.append(AttentionBlock(out, config.dropout))
+                self.down_blocks.append(AttentionBlock(out, config.dropout, groups))
             prev = out
-        self.norm_out = nn.GroupNorm(NORM_GROUPS, ch[-1], eps=NORM_EPS, affine=True)
+        self.norm_out = nn.GroupNorm(config.norm_num_groups, ch[-1], eps=NORM_EPS, affine=True)
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,15 @@ import torch
 from conftest import REPO
 from train_fixtures import TINY_UNET, make_processed_corpus, write_tiny_syncnet_16
 
-from lipsync.audio import load_audio
+from lipsync.audio import load_audio, syncnet_mel_window
+from lipsync.data.pair_sources import open_syncnet_pairs
 from lipsync.diffusion import ChunkDenoiser, DenoiseOptions
 from lipsync.errors import CheckpointError
 from lipsync.face.mask import make_mask
 from lipsync.media import read_frames
 from lipsync.own_checkpoints import MANIFEST, load_bundle, read_manifest
 from lipsync.train.metrics import read_jsonl
-from lipsync.train.pack import read_pack, write_pack
+from lipsync.train.pack import PackSyncPairs, read_pack, write_pack
 
 ENV = {
     **os.environ,
@@ -176,3 +177,43 @@ def test_bundle_refuses_damaged_or_edited_files(round1, tmp_path):
     (round1 / MANIFEST).write_text(json.dumps({**manifest, "extra": 1}))
     with pytest.raises(CheckpointError, match="unknown manifest keys extra"):
         load_bundle(round1)
+
+
+def test_pack_gives_syncnet_pairs_for_lipsync_train_syncnet(pack):
+    pairs = open_syncnet_pairs(f"pack:{pack}", "train", num_frames=16, seed=3)
+    assert isinstance(pairs, PackSyncPairs) and len(pairs) > 0
+    item = pairs[0]
+    assert item["image"].shape == (48, 32, 64) and item["audio"].shape == (1, 80, 52)
+    assert -1.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+    labels = [float(pairs[i]["y"]) for i in range(len(pairs))]
+    assert 0.25 < sum(labels) / len(labels) < 0.75
+    # a negative's audio is the same segment's, at least 5 frames away: its mel differs
+    neg = next(i for i, y in enumerate(labels) if y == 0)
+    k, start = pairs._items[neg]
+    same = syncnet_mel_window(pairs._mel(k), start, 16)
+    assert not torch.equal(pairs[neg]["audio"][0], same)
+    pos = next(i for i, y in enumerate(labels) if y == 1)
+    k, start = pairs._items[pos]
+    assert torch.equal(pairs[pos]["audio"][0], syncnet_mel_window(pairs._mel(k), start, 16))
+    # deterministic per epoch, different across epochs
+    again = PackSyncPairs(pack, "train", 16, seed=3)
+    assert [float(again[i]["y"]) for i in range(len(again))] == labels
+    again.set_epoch(1)
+    assert [float(again[i]["y"]) for i in range(len(again))] != labels
+
+
+def test_gpu_side_modules_need_neither_pyav_nor_mediapipe(pack):
+    """The GPU machine has no PyAV and no mediapipe: the recipe, the pack reader and the
+    measurement script must import and read packs without them."""
+    code = (
+        "import sys\n"
+        "sys.modules['av'] = None; sys.modules['mediapipe'] = None\n"
+        "import torch\n"
+        "import lipsync.train.demo_recipe, lipsync.train.unet\n"
+        "from lipsync.train.pack import read_pack\n"
+        "from lipsync.train.pack_data import PackData\n"
+        f"data = PackData(read_pack({str(pack)!r}), 'train', torch.device('cpu'))\n"
+        "assert data.frames.shape[0] == 224\n"
+        "assert not [m for m in sys.modules if m.startswith('lipsync.media')]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], env=ENV, check=True, timeout=300)

@@ -22,6 +22,7 @@ enough to carry:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -34,7 +35,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
+from lipsync.audio import (
+    syncnet_mel,
+    syncnet_mel_start,
+    syncnet_mel_window,
+    syncnet_mel_window_length,
+)
 from lipsync.errors import ConfigError, MediaError
 
 PACK_FORMAT = "lipsync.trainpack/1"
@@ -406,3 +414,85 @@ def read_pack(
             wav = _decode_audio(root / f"audio-{split}.{ext}")
             audio[split] = np.pad(wav, (0, max(0, n * SAMPLES_PER_FRAME - len(wav))))
     return Pack(root, meta, segments, frames, audio, visemes, phones)
+
+
+# --------------------------------------------------------------------------- SyncNet pairs
+
+MIN_NEGATIVE_OFFSET = 5  # frames between a negative's audio and its images (CONTRACT-data §3)
+
+
+class PackSyncPairs(torch.utils.data.Dataset):
+    """SyncNet training pairs from a pack, with the item keys of ``SyncNetPairs``
+    (CONTRACT-data.md §3): ``image`` (3F, R/2, R) float32 in [-1, 1] (lower halves, frame-major
+    RGB), ``audio`` (1, 80, ceil(F·16/5)) SyncNet mel window, ``y`` (1,) 1 = in sync / 0 = audio
+    from another time of the same segment at least 5 frames away, ``segment``, ``start``.
+
+    Every window start of every segment is an item; whether it is a positive, and the negative's
+    audio start, depend only on (seed, split, epoch, index). For the GPU machine, where a
+    processed corpus cannot be decoded (no PyAV): ``lipsync train syncnet`` reads it as
+    ``data: "pack:DIR"``.
+    """
+
+    def __init__(self, pack: str | os.PathLike | Pack, split: str = "train",
+                 num_frames: int = 16, seed: int = 0):  # fmt: skip
+        self.pack = pack if isinstance(pack, Pack) else read_pack(pack, (split,))
+        self.split, self.num_frames, self.seed, self.epoch = split, num_frames, seed, 0
+        self.segments = self.pack.split_segments(split)
+        self.mel_len = syncnet_mel_window_length(num_frames, FPS)
+        items = []
+        for k, seg in enumerate(self.segments):
+            mel_frames = seg.frames * SAMPLES_PER_FRAME // 200 + 1
+            starts = [s for s in range(seg.frames - num_frames + 1)
+                      if syncnet_mel_start(s, FPS) + self.mel_len <= mel_frames]  # fmt: skip
+            if len(starts) > 2 * MIN_NEGATIVE_OFFSET:
+                items += [(k, s) for s in starts]
+        if not items:
+            raise ConfigError(f"no {split} segment of the pack is long enough for SyncNet pairs")
+        self._items = items
+        self._mels: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def shard(self, rank: int, world_size: int) -> PackSyncPairs:
+        self._items = self._items[rank::world_size]
+        return self
+
+    def _mel(self, k: int) -> torch.Tensor:
+        if k not in self._mels:
+            seg = self.segments[k]
+            wav = self.pack.audio[self.split][
+                seg.start * SAMPLES_PER_FRAME : (seg.start + seg.frames) * SAMPLES_PER_FRAME
+            ]
+            self._mels[k] = syncnet_mel(np.ascontiguousarray(wav))
+        return self._mels[k]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        k, start = self._items[i]
+        seg = self.segments[k]
+        rng = np.random.default_rng(_key(self.seed, self.split, self.epoch, k, start))
+        positive = bool(rng.integers(2))
+        audio_start = start
+        if not positive:
+            far = [s for kk, s in self._items if kk == k and abs(s - start) >= MIN_NEGATIVE_OFFSET]
+            audio_start = int(rng.choice(far))
+        first = seg.start + start
+        frames = self.pack.frames[self.split][first : first + self.num_frames]
+        half = frames[:, frames.shape[1] // 2 :]  # (F, R/2, R, 3)
+        image = torch.from_numpy(np.ascontiguousarray(half)).permute(0, 3, 1, 2)
+        image = image.reshape(-1, *image.shape[2:]).float() / 127.5 - 1.0
+        window = syncnet_mel_window(self._mel(k), audio_start, self.num_frames, FPS)
+        return {
+            "image": image,
+            "audio": window[None].clone(),
+            "y": torch.tensor([1.0 if positive else 0.0]),
+            "segment": seg.id,
+            "start": start,
+        }
+
+
+def _key(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")

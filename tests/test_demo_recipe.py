@@ -106,7 +106,8 @@ def round1(pack, tmp_path_factory):
     config.write_text(json.dumps(TINY_UNET))
     common = ["--pack", str(pack), "--unet-config", str(config), "--syncnet", str(syncnet)]
     out = tmp / "out"
-    first = recipe(*common, "--stage", "vae,unet1", "--max-minutes", "0.1,0.15", "--out", str(out))
+    first = recipe(*common, "--stage", "vae,unet1", "--max-minutes", "0.1,0.15", "--out", str(out),
+                   "--lean")  # fmt: skip
     return out, first, common
 
 
@@ -117,14 +118,16 @@ def test_recipe_trains_in_rounds_into_a_bundle(round1, tmp_path):
     assert first["stages"]["vae"]["steps"] > 0 and first["stages"]["unet1"]["steps"] > 0
     files = sorted(p.name for p in round1.iterdir())
     assert len(files) <= 8 and all((round1 / f).stat().st_size <= 15 * 2**20 for f in files)
-    assert {"manifest.json", "vae.safetensors", "metrics.jsonl", "loss.png", "summary.json",
-            "preview.png"} <= set(files)  # fmt: skip
+    # --lean: the bundle, metrics and summary only
+    assert {"manifest.json", "vae.safetensors", "metrics.jsonl", "summary.json"} <= set(files)
+    assert "loss.png" not in files and "preview.png" not in files
     unet1_steps = first["stages"]["unet1"]["steps"]
     # round 2: stage 2 from round 1's bundle; the earlier stages' records are carried along
     second = recipe(*common, "--stage", "unet2", "--max-minutes", "0.15",
                     "--resume-from", str(round1), "--out", str(round2))  # fmt: skip
     assert second["stages"]["unet1"]["steps"] == unet1_steps
     assert second["stages"]["unet2"]["steps"] > 0
+    assert (round2 / "loss.png").is_file() and (round2 / "preview.png").is_file()
     summary = json.loads((round2 / "summary.json").read_text())
     ev = summary["stages"]["unet2"]["eval"]
     for key in (

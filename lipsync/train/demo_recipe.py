@@ -167,6 +167,7 @@ class Run:
     unet_config: dict[str, Any]
     syncnet_path: str | None
     resume_from: Path | None
+    lean: bool = False  # no loss.png / preview.png (leaves 2 of the 8 files to other outputs)
     started: float = field(default_factory=time.perf_counter)
     summary: dict[str, Any] = field(default_factory=dict)
     vae: Vae | None = None
@@ -224,6 +225,7 @@ def _loop(
         seed=s["seed"],
         save_optimizer=True,
     )
+    shutil.rmtree(run.work / name, ignore_errors=True)  # a fresh scratch folder per stage
     loop = TrainLoop(
         name=name,
         model=model,
@@ -659,9 +661,11 @@ def write_outputs(run: Run, stages_run: list[str]) -> list[str]:
         ("VAE parts", ["l1_vae", "mse_vae", "kl_vae"]),
         ("U-Net parts", ["mse_unet1", "mse_unet2", "sync_unet2"]),
     ]
-    plot_metrics(_with_global_x(lines, steps), out / "loss.png", panels, title="demo recipe")
-    written += ["metrics.jsonl", "loss.png"]
-    if run.previews:
+    written.append("metrics.jsonl")
+    if not run.lean:
+        plot_metrics(_with_global_x(lines, steps), out / "loss.png", panels, title="demo recipe")
+        written.append("loss.png")
+    if run.previews and not run.lean:
         img = np.concatenate(
             [
                 _pad_width(p, max(x.shape[1] for x in run.previews.values()))
@@ -752,6 +756,7 @@ def train(
     device: str | None = None,
     work: Path | None = None,
     unet_config: str | dict[str, Any] = UNET_CONFIG,
+    lean: bool = False,
 ) -> dict[str, Any]:
     """Run ``stages`` with their wall-time shares ``minutes``; results in ``out``."""
     unknown = [s for s in stages if s not in STAGES]
@@ -765,6 +770,10 @@ def train(
         if stage not in DEFAULTS or unknown:
             raise ConfigError(f"unknown recipe setting {stage}.{unknown[0] if unknown else ''}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":  # TF32 for the fp32 parts (latent encoding, evaluation), tuned convs
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     config = resolve_unet_config(unet_config)
     run = Run(
         pack_dir=Path(pack),
@@ -776,6 +785,7 @@ def train(
         unet_config=dict(config),
         syncnet_path=syncnet,
         resume_from=Path(resume_from) if resume_from else None,
+        lean=lean,
     )
     run.work.mkdir(parents=True, exist_ok=True)
     load_resume(run)
@@ -847,6 +857,7 @@ def train_command(
     device: str | None = typer.Option(None, help="cuda or cpu (default: cuda if present)."),
     work: Path | None = typer.Option(None, help="Scratch folder (default: beside --out)."),
     unet_config: str = typer.Option(UNET_CONFIG, help="U-Net config: packaged name or JSON."),
+    lean: bool = typer.Option(False, help="No loss.png / preview.png (frees 2 of the 8 files)."),
 ) -> None:
     """Run stages of the recipe on the GPU (or CPU, for a smoke test)."""
     stages = [s.strip() for s in stage.split(",") if s.strip()]
@@ -863,6 +874,7 @@ def train_command(
         device,
         work,
         unet_config,
+        lean,
     )
     typer.echo(
         json.dumps(

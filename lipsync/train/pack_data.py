@@ -105,7 +105,9 @@ class PackData:
                 torch.arange(i, min(i + batch, self.num_frames_total), device=self.device)
             )
             for name, images in (("gt", x), ("masked", x * self.mask)):
-                dist = vae.autoencoder.encode(images.to(vae.dtype)).latent_dist
+                with torch.autocast(self.device.type, torch.bfloat16,
+                                    enabled=self.device.type == "cuda"):  # fmt: skip
+                    dist = vae.autoencoder.encode(images.to(vae.dtype)).latent_dist
                 out[f"{name}_mean"].append(dist.mean.to(dtype))
                 out[f"{name}_std"].append(dist.std.to(dtype))
         cat = {k: torch.cat(v) for k, v in out.items()}

@@ -239,3 +239,32 @@ def test_noise_and_one_step_prediction_invert_each_other():
     big = training_noise((1, 4, 64, 32, 32), [torch.Generator().manual_seed(3)],
                          torch.device("cpu"), mixed=True, alpha=1.0)  # fmt: skip
     assert float(big.std()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_vae_training_raises_psnr_and_exports_a_loadable_vae(tmp_path):
+    from lipsync.own_checkpoints import load_own_vae
+    from lipsync.train.config import load_vae_config
+    from lipsync.train.metrics import read_jsonl
+    from lipsync.train.vae import train_vae
+
+    out = tmp_path / "vae"
+    cfg = load_vae_config({
+        "output_dir": str(out), "resolution": 64,
+        "autoencoder": {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1,
+                        "norm_num_groups": 8, "latent_channels": 4},
+        "data": {"factory": "train_fixtures:toy_windows", "batch_size": 2, "num_workers": 0},
+        "train": {"max_steps": 8, "precision": "fp32", "gradient_checkpointing": False,
+                  "log_every": 1},
+        "optimizer": {"lr": 3e-3, "fused": False},
+        "checkpoint": {"every": 8},
+        "validation": {"every": 8, "at_start": True, "windows": 2},
+    })  # fmt: skip
+    summary = train_vae(cfg, device="cpu", show_progress=False)
+    val = {r["step"]: r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "val"}
+    assert set(val) == {0, 8} and val[8]["psnr"] > val[0]["psnr"] + 1.0
+    assert summary["val"]["psnr"] == pytest.approx(val[8]["psnr"], abs=1e-6)
+    vae = load_own_vae(out)
+    assert vae.scaling_factor == pytest.approx(summary["scaling_factor"])
+    assert vae.scaling_factor == pytest.approx(1.0 / summary["val"]["latent_std"])
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert vae.decode(vae.encode(x)).shape == x.shape

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lipsync.audio import AudioEncoder
+from lipsync.audio import AudioEncoder, load_audio
 from lipsync.checkpoints import (
     check_state_dict,
     load_syncnet,
@@ -42,11 +42,12 @@ from lipsync.checkpoints import (
     unwrap_state_dict,
 )
 from lipsync.config import load_packaged_config
+from lipsync.diffusion import ChunkDenoiser, DenoiseOptions
 from lipsync.errors import CheckpointError, ConfigError
 from lipsync.models.scheduler import make_scheduler
 from lipsync.models.transformer import MotionModule
 from lipsync.models.unet import UNet3D, UNetConfig
-from lipsync.models.vae import SD_VAE_FT_MSE_CONFIG, Vae, load_vae, random_vae
+from lipsync.models.vae import Vae, load_vae, random_vae
 from lipsync.own_checkpoints import (
     is_bundle,
     load_bundle,
@@ -425,8 +426,7 @@ class UNetValidator:
         return sums
 
     def render(self, step: int) -> list[Path]:
-        from lipsync.diffusion import ChunkDenoiser, DenoiseOptions
-        from lipsync.media import write_video
+        from lipsync.media import write_video  # PyAV (absent on the GPU image): lazily
 
         written = []
         v = self.cfg.validation
@@ -455,8 +455,6 @@ def window_audio(root: str | None, item: dict[str, Any], frames: int) -> np.ndar
     """The 16 kHz audio of a window of a processed corpus segment (None without a corpus)."""
     if not root or "segment" not in item:
         return None
-    from lipsync.audio import load_audio
-
     path = Path(root) / "final" / f"{item['segment']}.mp4"
     if not path.is_file():
         return None
@@ -601,10 +599,3 @@ def _train(cfg, out, dist, show_progress, resume, resume_from):
     if dist.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
-
-
-def vae_config_of(vae: Vae) -> dict[str, Any]:
-    """The AutoencoderKL config of a loaded VAE (for bundles)."""
-    cfg = dict(vae.autoencoder.config)
-    keys = set(SD_VAE_FT_MSE_CONFIG) | {"block_out_channels", "layers_per_block"}
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k in keys}

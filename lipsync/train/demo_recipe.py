@@ -101,7 +101,7 @@ UNET_CONFIG = "train/unet_demo_256_config.json"
 # Settings per stage (``--set stage.key=value`` changes one).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "vae": {
-        "batch": 64,
+        "batch": 96,
         "lr": 2e-4,
         "warmup": 100,
         "precision": "bf16",
@@ -117,7 +117,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "seed": 11,
     },
     "unet1": {
-        "batch": 32,
+        "batch": 64,
         "lr": 1e-4,
         "warmup": 200,
         "precision": "bf16",

@@ -30,20 +30,26 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from lipsync.data.process.store import atomic_path
 
 __all__ = ["Summary", "read_manifest", "summarize", "write_manifest"]
 
 
 def write_manifest(path: str | os.PathLike, entries: list[dict]) -> None:
-    """Write the entries (already in order) as JSON lines, atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for e in entries:
-            f.write(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n")
+    """Write the entries (already in order) as JSON lines, atomically (temp file + rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for e in entries:
+                f.write(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict]:

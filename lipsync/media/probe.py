@@ -287,6 +287,8 @@ def probe(
             vs = video_stream(container)
             if vs is not None:
                 cc = vs.codec_context
+                if cc is None:  # a codec FFmpeg does not know at all (no decoder, no name)
+                    raise error(f"the video codec in {p} is unknown to this FFmpeg build")
                 info.update(
                     has_video=True,
                     coded_width=cc.width,

@@ -5,10 +5,10 @@ In order (the first failure is the reason recorded):
 =================  ===================================================================
 ``empty_file``     zero bytes
 ``unreadable``     not a media file, damaged header, unreadable
+``unsupported_codec``  the video codec is unknown to this FFmpeg build, or it has no decoder
 ``no_video``       no video stream (audio-only file, cover art only)
 ``no_audio``       no audio stream
-``undecodable``    the first video frame cannot be decoded (a codec this FFmpeg build lacks,
-                   or damaged data)
+``undecodable``    the first video frame cannot be decoded (damaged data, odd stream)
 ``too_large``      a side over ``max_side`` pixels (8K by default)
 ``too_long``       longer than ``max_duration_s`` (from the header; nothing is decoded)
 ``truncated``      the container's sample index points past the end of the file
@@ -29,7 +29,7 @@ from pathlib import Path
 from lipsync.data.process.options import ProcessOptions
 from lipsync.errors import MediaError, one_line
 from lipsync.media import check_complete, probe
-from lipsync.media.probe import open_input, video_stream
+from lipsync.media.probe import has_decoder, open_input, video_stream
 
 __all__ = ["CheckResult", "check_input"]
 
@@ -80,6 +80,21 @@ def _full_decode(path: Path, strict: bool) -> tuple[int, float, int, float, int]
     return frames, v_end, samples, a_end, errors
 
 
+def _codec_problem(path: Path) -> str | None:
+    """Why the main video stream's codec cannot be decoded here, or None."""
+    with open_input(path) as container:
+        vs = video_stream(container)
+        if vs is None:
+            return None
+        cc = vs.codec_context
+        if cc is None or not cc.name or cc.name == "none":
+            tag = getattr(vs, "codec_tag", None) or "?"
+            return f"the video codec (tag {tag!r}) is unknown to this FFmpeg build"
+        if not has_decoder(cc.name):
+            return f"this FFmpeg build has no decoder for {cc.name} video"
+    return None
+
+
 def check_input(path: str | Path, options: ProcessOptions) -> CheckResult:
     """Run the checks in the module docstring on one file."""
     p = Path(path)
@@ -89,6 +104,14 @@ def check_input(path: str | Path, options: ProcessOptions) -> CheckResult:
         return _drop("unreadable", f"cannot stat {p.name}: {one_line(exc)}")
     if size == 0:
         return _drop("empty_file", "the file is empty (0 bytes)")
+    try:
+        problem = _codec_problem(p)
+    except MediaError as exc:
+        return _drop("unreadable", str(exc))
+    except Exception as exc:  # anything FFmpeg chokes on while opening
+        return _drop("unreadable", f"cannot read {p.name}: {one_line(exc)}")
+    if problem:
+        return _drop("unsupported_codec", problem)
     try:
         info = probe(p, decode_first_frame=False)
     except MediaError as exc:

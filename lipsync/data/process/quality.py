@@ -12,10 +12,11 @@ threshold):
     The worst of four sub-scores, each mapped to 0-100 (so the reason names what is wrong):
 
     * ``sharpness``: variance of the Laplacian of the grey crop's face area (rows R/4..R,
-      columns R/8..7R/8), averaged over the sampled frames; 100 at >= 20, 0 at <= 5, linear in
-      the logarithm between (so 50 at 10). Measured on 256 px crops of the demo clip (a 197 px
-      face): 28.9; the same crops blurred (Gaussian sigma 0.7 / 1.0): 11.0 / 6.7; downscaled 2x
-      and back: 7.7. At 512 px the crops are area-downscaled to 256 first.
+      columns R/8..7R/8) over the variance of the grey levels there, x 1000 (so exposure and
+      contrast do not count), averaged over the sampled frames; 100 at >= 12, 0 at <= 3, linear
+      in the logarithm between (50 at 6). Measured on 256 px crops of the demo clip (a 197 px
+      face): 17-19; the same crops blurred (Gaussian sigma 0.7 / 1.0): 6.7 / 4.1; downscaled 2x
+      and back: 4.7. At 512 px the crops are area-downscaled to 256 first.
     * ``exposure``: mean grey level of the same area (100 inside 60..200, falling linearly to 0
       at 15 and 240) times the share of unclipped pixels (levels 6..249; 0 when a quarter or
       more are clipped).
@@ -85,15 +86,17 @@ def _grey(crops: np.ndarray) -> np.ndarray:
 
 
 def sharpness(crops: np.ndarray) -> float:
-    """Mean variance of the 4-neighbour Laplacian over the face area of (k, R, R, 3) crops, at
-    256 px scale (larger crops are area-downscaled first)."""
+    """Relative Laplacian variance (x 1000) of the face area of (k, R, R, 3) crops, at 256 px
+    scale (larger crops are area-downscaled first); see the module docstring."""
     g = torch.from_numpy(_grey(crops))[:, None]  # (k, 1, R, R)
     if g.shape[-1] > 256:
         g = F.interpolate(g, size=(256, 256), mode="area")
     kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
-    lap = F.conv2d(g, kernel[None, None])[:, 0]  # (k, 254, 254)
-    area = _face_area(lap)
-    return float(area.reshape(area.shape[0], -1).var(dim=1).mean())
+    lap = _face_area(F.conv2d(g, kernel[None, None])[:, 0])  # (k, h, w)
+    grey = _face_area(g[:, 0, 1:-1, 1:-1])
+    k = lap.shape[0]
+    ratio = lap.reshape(k, -1).var(dim=1) / grey.reshape(k, -1).var(dim=1).clamp(min=1.0)
+    return float(ratio.mean()) * 1000.0
 
 
 def blockiness(grey: np.ndarray, block: int = 8) -> float | None:
@@ -141,7 +144,7 @@ class HeuristicScorer:
         blocks = [b for b in (blockiness(p) for p in data.patches) if b is not None]
         block = float(np.mean(blocks)) if blocks else None
         parts = {
-            "sharpness": _ramp(math.log(max(sharp, 1e-6)), math.log(5.0), math.log(20.0)),
+            "sharpness": _ramp(math.log(max(sharp, 1e-6)), math.log(3.0), math.log(12.0)),
             "exposure": exposure,
             "face_size": size,
             "blockiness": 100.0 if block is None else _ramp(block, 1.6, 1.15),
@@ -151,7 +154,7 @@ class HeuristicScorer:
             "scorer": self.name,
             "limiting": worst,
             "parts": {k: round(v, 1) for k, v in parts.items()},
-            "laplacian_var": round(sharp, 2),
+            "relative_laplacian": round(sharp, 2),
             "mean_level": round(mean, 1),
             "clipped": round(clipped, 4),
             "blockiness": None if block is None else round(block, 3),

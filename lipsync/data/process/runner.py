@@ -69,7 +69,6 @@ class ProcessReport:
     tasks: Counter = field(default_factory=Counter)  # tasks run, by kind
     timings: dict = field(default_factory=dict)  # step -> [wall s, CPU s], summed over tasks
     cpu_seconds: float = 0.0  # CPU time of all tasks (all workers) in this run
-    frames_processed: dict = field(default_factory=dict)  # step -> 25 fps frames handled
 
 
 def _check_settings(layout: Layout, options: ProcessOptions) -> None:

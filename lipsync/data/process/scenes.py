@@ -31,8 +31,7 @@ def detect_scenes(
         AdaptiveDetector(adaptive_threshold=threshold, min_scene_len=min_scene_frames)
     )
     manager.detect_scenes(video=stream, show_progress=False)
-    cuts = sorted(
-        {int(c.frame_num) for c in manager.get_cut_list() if 0 < int(c.frame_num) < num_frames}
-    )
+    starts = [int(start.frame_num) for start, _ in manager.get_scene_list(start_in_scene=True)]
+    cuts = sorted({f for f in starts if 0 < f < num_frames})
     bounds = [0, *cuts, num_frames]
     return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -280,7 +281,8 @@ def test_sync_step_shifts_to_offset_zero_and_drops_low_confidence(corpus, tmp_pa
     faces = read_frames(out / "5_faces" / f"{first['id']}.mp4")
     final = read_frames(out / "final" / rec["media"])
     assert final.shape[0] == 59
-    assert np.abs(final.astype(int) - faces[3:].astype(int)).mean() < 1.5  # re-encoded once
+    errors = [np.abs(final[:56].astype(int) - faces[k : k + 56]).mean() for k in range(7)]
+    assert int(np.argmin(errors)) == 3 and errors[3] < 2.5, errors  # re-encoded once
     wav = read_wav(next((out / "2_resample").glob("*.wav")))
     got = load_audio(out / "final" / rec["media"])[: 59 * 640]
     lags = list(range(-4 * 640, 4 * 640 + 1, 64))
@@ -402,29 +404,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def test_ray_cluster_of_two_workers_gives_the_pool_result(processed, corpus, tmp_path):
     ref, _ = processed
     port = _free_port()
+    # a token of our own (explicit mode): nothing is read from or written to ~/.ray
+    env = {**_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex()}
+    # a short temp dir: Ray's unix sockets live there (paths are limited to 107 bytes)
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
          f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-         "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
     out = tmp_path / "out"
     try:
+        _wait_for(lambda: _port_open(port), 120, head)
         done = subprocess.run(
             _cli(str(corpus), str(out), "--ray-address", f"127.0.0.1:{port}", *CLI_OPTS),
-            env=_env(), capture_output=True, text=True, timeout=600,
+            env=env, capture_output=True, text=True, timeout=400,
         )  # fmt: skip
-    finally:
+    finally:  # stop the cluster we started: its process group (head, GCS, raylet, workers)
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+            pass
+        time.sleep(2)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # the GCS can outlive the head's SIGTERM
+        except ProcessLookupError:
+            pass
+        head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     (log,) = (out / "runs").glob("*.json")
     run = json.loads(log.read_text())

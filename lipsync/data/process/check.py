@@ -2,20 +2,20 @@
 
 In order (the first failure is the reason recorded):
 
-=================  ===================================================================
-``empty_file``     zero bytes
-``unreadable``     not a media file, damaged header, unreadable
+=====================  ===============================================================
+``empty_file``         zero bytes
+``unreadable``         not a media file, damaged header, unreadable
 ``unsupported_codec``  the video codec is unknown to this FFmpeg build, or it has no decoder
-``no_video``       no video stream (audio-only file, cover art only)
-``no_audio``       no audio stream
-``undecodable``    the first video frame cannot be decoded (damaged data, odd stream)
-``too_large``      a side over ``max_side`` pixels (8K by default)
-``too_long``       longer than ``max_duration_s`` (from the header; nothing is decoded)
-``truncated``      the container's sample index points past the end of the file
-``corrupt``        damaged packets during the full decode (``strict_decode``), or decoding
-                   failed part way
-``too_short``      fewer decodable seconds (video and audio both) than one segment needs
-=================  ===================================================================
+``no_video``           no video stream (audio-only file, cover art only)
+``no_audio``           no audio stream
+``undecodable``        the first video frame cannot be decoded (damaged data, odd stream)
+``too_large``          a side over ``max_side`` pixels (8K by default)
+``too_long``           longer than ``max_duration_s`` (from the header; nothing is decoded)
+``truncated``          the container's sample index points past the end of the file
+``corrupt``            damaged packets during the full decode (``strict_decode``), or
+                       decoding failed part way
+``too_short``          fewer decodable seconds (video and audio both) than one segment needs
+=====================  ===============================================================
 
 The full decode check decodes every video and audio packet (no colour conversion, so it costs a
 fraction of the real decode in step 2) and keeps nothing: memory is one frame.

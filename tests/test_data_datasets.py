@@ -116,7 +116,7 @@ def test_feature_cache_is_keyed_by_weights_and_reused(corpus, encoder, tmp_path)
 
 
 def _keys(ds) -> list[tuple]:
-    return [(ds[i]["segment"], ds[i]["start"]) for i in range(len(ds))]
+    return [ds.window(i) for i in range(len(ds))]
 
 
 def test_windows_are_deterministic_per_seed_and_epoch(corpus):
@@ -129,6 +129,10 @@ def test_windows_are_deterministic_per_seed_and_epoch(corpus):
     assert _keys(b) != _keys(a)
     a.set_epoch(1)
     assert _keys(a) == _keys(b)
+    item_a, item_b = a[2], b[2]  # the items themselves, not only their windows
+    assert (item_a["segment"], item_a["start"]) == a.window(2)
+    for key in ("frames", "reference", "phones"):
+        assert torch.equal(item_a[key], item_b[key])
 
 
 def test_dataloader_workers_and_shards(corpus):
@@ -145,7 +149,7 @@ def test_dataloader_workers_and_shards(corpus):
     for g, r in zip(got, ref, strict=True):
         assert torch.equal(g["image"], r["image"]) and torch.equal(g["audio"], r["audio"])
     shards = [SyncNetPairs(corpus, split=None, seed=5).shard(k, 3) for k in range(3)]
-    keys = [set((s[i]["segment"], s[i]["start"]) for i in range(len(s))) for s in shards]
+    keys = [set(_keys(s)) for s in shards]
     assert sum(len(s) for s in shards) == len(ds)
     assert not (keys[0] & keys[1]) and not (keys[1] & keys[2]) and not (keys[0] & keys[2])
     assert set().union(*keys) == {(r["segment"], r["start"]) for r in ref}

@@ -158,7 +158,13 @@ def _unit(frames: np.ndarray) -> torch.Tensor:
 class _Windows(Dataset):
     """Shared indexing: a flat list of (segment, slot) items, seeded per (seed, epoch, item)."""
 
-    def __init__(self, corpus: ProcessedCorpus, split: str | None, num_frames: int, seed: int):
+    def __init__(
+        self,
+        corpus: ProcessedCorpus,
+        split: str | None = "train",
+        num_frames: int = 16,
+        seed: int = 0,
+    ):
         if num_frames < 1:
             raise ConfigError(f"num_frames must be >= 1, got {num_frames}")
         self.num_frames = int(num_frames)
@@ -201,6 +207,11 @@ class _Windows(Dataset):
 
     def _max_start(self, seg: SegmentInfo) -> int:
         return seg.frames - self.num_frames
+
+    def window(self, i: int) -> tuple[str, int]:
+        """(segment id, first frame) of item ``i`` in the current epoch, without decoding."""
+        seg, start, _ = self._pick(i)
+        return seg.id, start
 
     def _crops(self, seg: SegmentInfo, start: int) -> np.ndarray:
         frames = read_frames(seg.path, fps=FPS, start=start, stop=start + self.num_frames)

@@ -129,7 +129,7 @@ def read_json(path: str | os.PathLike) -> Any | None:
 def remove_stale(layout: Layout) -> int:
     """Delete temporary files a killed run left in the step folders; returns how many."""
     removed = 0
-    for folder in layout.folders():
+    for folder in [layout.root, *layout.folders()]:
         if not folder.is_dir():
             continue
         for entry in folder.iterdir():

@@ -22,7 +22,14 @@ import pytest
 import torch
 from conftest import MEDIA, REPO, demo_source_frames
 from safetensors.torch import load_file
-from train_fixtures import TINY_UNET, ToyWindows, unet_config_dict, write_config, write_tiny_syncnet
+from train_fixtures import (
+    TINY_UNET,
+    ToyWindows,
+    make_processed_corpus,
+    unet_config_dict,
+    write_config,
+    write_tiny_syncnet,
+)
 
 from lipsync.audio import load_audio
 from lipsync.config import get_preset
@@ -308,3 +315,26 @@ def test_yaml_errors_and_overrides_are_one_line(tmp_path, capsys):
     good = write_config(tmp_path / "cfg.json", unet_config_dict(tmp_path / "run"))
     code, text = run_main(capsys, str(good), "--set", "train.max_steps=-3")
     assert code == 2 and text == "error: train.max_steps must be > 0, got -3"
+
+
+def test_trains_on_a_processed_corpus_through_unet_windows(tmp_path):
+    """The default data path: ``data.root`` -> lipsync.data.datasets.UNetWindows with Whisper
+    windows from the (seeded) audio encoder through the FeatureCache, SyncNet mels, stage 2."""
+    corpus = make_processed_corpus(tmp_path / "corpus")
+    syncnet = write_tiny_syncnet(tmp_path / "syncnet.safetensors")
+    out = tmp_path / "run"
+    cfg = unet_config_dict(
+        out, stage=2, data={"root": str(corpus), "factory": None, "batch_size": 2},
+        syncnet={"path": str(syncnet)}, losses={"recon": 1.0, "sync": 0.1, "pixel_space": True},
+        train={"max_steps": 2}, validation={"every": 2, "windows": 1, "videos": 1,
+                                             "inference_steps": 2},
+    )  # fmt: skip
+    summary = train_unet(load_unet_config(cfg), device="cpu", show_progress=False)
+    assert summary["steps"] == 2
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+    assert all(r["sync"] > 0 for r in records if r["split"] == "train")
+    assert len(list((corpus / "cache").glob("whisper-*/*.npy"))) >= 4  # features cached
+    # the validation video carries the window's audio from the corpus
+    video = next((out / "val").glob("*.mp4"))
+    assert load_audio(video).shape[0] > 0

@@ -205,13 +205,15 @@ def write_tiny_syncnet_16(path: Path) -> Path:
 
 
 def make_processed_corpus(root: Path, splits=(("train", 4), ("val", 2)), frames: int = 56) -> Path:
-    """A small processed corpus in the layout of ``lipsync data process`` (final/<id>.mp4 with
-    AAC audio + final/<id>.json with split, frames and viseme labels): toy faces whose mouth
-    opens with the loudness of a voiced tone."""
+    """A small processed corpus in the layout of ``lipsync data process`` (manifest.jsonl,
+    final/<id>.mp4 with AAC audio, final/<id>.json with split, frames and viseme labels): toy
+    faces whose mouth opens with the loudness of a voiced tone."""
+    from lipsync.data.manifest import write_manifest
     from lipsync.media import write_video
 
     final = root / "final"
     final.mkdir(parents=True, exist_ok=True)
+    entries: list[dict] = []
     n = 0
     for split, count in splits:
         for _ in range(count):
@@ -238,5 +240,8 @@ def make_processed_corpus(root: Path, splits=(("train", 4), ("val", 2)), frames:
                                        "per_frame": visemes}},
             }  # fmt: skip
             (final / f"{seg}.json").write_text(json.dumps(record))
+            entries.append({"kind": "segment", "id": seg, "input": seg, "source": f"{seg}.mp4",
+                            "split": split, "status": "kept", "step": "quality"})  # fmt: skip
             n += 1
+    write_manifest(root / "manifest.jsonl", entries)
     return root

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,19 +36,22 @@ def import_factory(spec: str) -> Callable[..., Any]:
 def make_dataset(cfg, split: str, seed: int, num_frames: int, audio: AudioEncoder | None):
     """Training/validation windows: ``cfg.data.factory(cfg, split, seed)``, or the processed
     corpus at ``cfg.data.root`` through :class:`lipsync.data.datasets.UNetWindows` (item keys
-    of CONTRACT-data.md §3; ``audio`` computes the Whisper windows)."""
+    of CONTRACT-data.md §3). ``audio`` computes the Whisper windows, cached per segment under
+    ``data.feature_cache`` (default ``<root>/cache``; the cache is keyed by the encoder's
+    weights, so the official and the seeded encoder never mix)."""
     if cfg.data.factory:
         return import_factory(cfg.data.factory)(cfg, split, seed)
-    try:
-        datasets = importlib.import_module("lipsync.data.datasets")
-    except ImportError:
-        raise ConfigError(
-            "this build has no processed-corpus datasets (lipsync.data.datasets); set "
-            "data.factory to your own dataset"
-        ) from None
-    corpus = datasets.ProcessedCorpus(cfg.data.root)
-    features = datasets.FeatureCache(audio) if audio is not None else None
-    return datasets.UNetWindows(
+    # lazily: the datasets decode through PyAV, which the GPU image (demo recipe) lacks
+    from lipsync.data.datasets import FeatureCache, ProcessedCorpus, UNetWindows
+
+    corpus = ProcessedCorpus(cfg.data.root)
+    if not corpus.segments(split):
+        raise ConfigError(f"no {split!r} segments in the processed corpus {cfg.data.root}")
+    features = None
+    if audio is not None:
+        cache = getattr(cfg.data, "feature_cache", None) or Path(cfg.data.root) / "cache"
+        features = FeatureCache(audio, cache)
+    return UNetWindows(
         corpus, split=split, num_frames=num_frames, audio_features=features, seed=seed
     )
 

@@ -108,6 +108,7 @@ class SyncNetSection:
 @dataclass
 class DataSection:
     root: str | None = None  # a processed corpus (``lipsync data process`` output)
+    feature_cache: str | None = None  # Whisper features per segment; default <root>/cache
     train_split: str = "train"
     val_split: str = "val"
     batch_size: int = 1  # per process and micro-batch
@@ -293,6 +294,7 @@ class VaeDataSection:
     val_split: str = "val"
     batch_size: int = 4  # windows per process and micro-batch (all their frames are used)
     frames_per_window: int = 8
+    feature_cache: str | None = None  # unused by the VAE (no audio)
     num_workers: int = 4
     factory: str | None = None  # like DataSection.factory; items need "frames" (F, 3, R, R)
 

@@ -49,7 +49,7 @@ from lipsync.checkpoints import (
 from lipsync.errors import CheckpointError, CheckpointNotFoundError
 from lipsync.models.unet import UNet3D, UNetConfig
 from lipsync.models.vae import Vae, build_autoencoder
-from lipsync.models.whisper import WhisperDims, WhisperEncoder, sinusoids
+from lipsync.models.whisper import WhisperDims, WhisperEncoder
 
 BUNDLE_FORMAT = "lipsync.bundle/1"
 UNET_FILE_FORMAT = "lipsync.unet/1"
@@ -103,7 +103,7 @@ def _seeded_state(dims: WhisperDims, seed: int) -> dict[str, torch.Tensor]:
     for name, shape in sorted(shapes.items()):
         n = math.prod(shape)
         if name == "positional_embedding":
-            state[name] = sinusoids(dims.n_audio_ctx, dims.n_audio_state)
+            state[name] = torch.from_numpy(_sinusoids64(dims.n_audio_ctx, dims.n_audio_state))
             continue
         if "_ln" in name or name.startswith("ln_post"):
             fill = 1.0 if name.endswith("weight") else 0.0
@@ -119,6 +119,16 @@ def _seeded_state(dims: WhisperDims, seed: int) -> dict[str, torch.Tensor]:
         values = ((2.0 * u - 1.0) * bound).astype(np.float32).reshape(shape)
         state[name] = torch.from_numpy(values)
     return state
+
+
+def _sinusoids64(length: int, channels: int) -> np.ndarray:
+    """Whisper's positional table computed in float64 and rounded to float32: the same bits on
+    any machine (a last-bit difference of a float64 libm survives the rounding only rarely),
+    unlike float32 kernels, which differ between torch builds."""
+    half = channels // 2
+    inv = np.exp(-math.log(10000.0) / (half - 1) * np.arange(half, dtype=np.float64))
+    t = np.arange(length, dtype=np.float64)[:, None] * inv[None, :]
+    return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
 
 
 def state_sha256(state: Mapping[str, torch.Tensor]) -> str:

@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lipsync"
 
 LAYERS: list[tuple[int, tuple[str, ...]]] = [
-    (0, ("errors", "constants", "config", "configs", "transfer", "runtime", "progress")),
+    (0, ("errors", "constants", "config", "configs", "weights", "transfer", "runtime", "progress")),
     (1, ("models",)),
-    (2, ("media", "face", "audio", "checkpoints")),
+    (2, ("media", "face", "audio", "checkpoints", "own_checkpoints")),
     (3, ("accel", "diffusion", "loading", "engine")),
     (4, ("pipeline",)),
     (5, ("api", "tools", "data", "train", "eval", "export")),

@@ -3,7 +3,9 @@
 * a folder: a processed corpus (``lipsync data process`` output) read by
   :class:`lipsync.data.datasets.SyncNetPairs` (``CONTRACT-data.md`` §3);
 * ``toy`` or ``toy:clips=32,frames=50,resolution=64``: the procedural stand-in
-  :class:`lipsync.data.toy_sync.ToySyncPairs` (tests and smoke runs only).
+  :class:`lipsync.data.toy_sync.ToySyncPairs` (tests and smoke runs only);
+* ``pack:DIR``: a training pack (:mod:`lipsync.train.pack`, what the GPU machine can read
+  without PyAV) through :class:`lipsync.train.pack.PackSyncPairs`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from lipsync.data.datasets import ProcessedCorpus, SyncNetPairs
 from lipsync.data.toy_sync import ToySyncPairs
 from lipsync.errors import ConfigError, MediaError
+from lipsync.train.pack import PackSyncPairs
 
 _TOY_KEYS = {"clips": "num_clips", "frames": "clip_frames", "resolution": "resolution"}
 
@@ -35,19 +39,13 @@ def open_syncnet_pairs(
 ) -> torch.utils.data.Dataset:
     """SyncNet pairs of ``split`` from ``spec`` (see the module docstring)."""
     text = str(spec)
+    if text.startswith("pack:"):
+        return PackSyncPairs(Path(text[5:]).expanduser(), split, num_frames, seed)
     if text == "toy" or text.startswith("toy:"):
         return ToySyncPairs(num_frames=num_frames, seed=seed, split=split, **parse_toy_spec(text))
     root = Path(spec).expanduser()
     if not root.is_dir():
         raise MediaError(f"data folder not found: {root} (a processed corpus, or 'toy')")
-    # TODO(merge): a top-level import once lipsync.data.datasets (the processing branch) is in
-    try:
-        from lipsync.data.datasets import ProcessedCorpus, SyncNetPairs
-    except ModuleNotFoundError as e:
-        raise ConfigError(
-            "this build has no lipsync.data.datasets (processed-corpus datasets); "
-            f"cannot read {root}"
-        ) from e
     corpus = ProcessedCorpus(root)
     if not corpus.segments(split=split):
         raise MediaError(f"no {split!r} segments in the processed corpus {root}")

@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
+from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, FaceReuse, initial_noise
 from lipsync.loading import ModelBundle
 
 _CHUNK_SEED_STRIDE = 1_000_003  # a prime: distinct (seed, chunk) pairs give distinct seeds
@@ -64,6 +64,7 @@ class SyncEngine(Protocol):
         seed: int,
         chunk_index: int,
         options: DenoiseOptions,
+        reuse: FaceReuse | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -78,6 +79,7 @@ class LocalEngine:
         self.device = models.device
         self.fp8 = models.fp8
         self._denoiser: tuple[DenoiseOptions, torch.Tensor, ChunkDenoiser] | None = None
+        self._compiled_frames: set[int] = set()  # chunk lengths the compiled models have seen
 
     def lazy_features(self, waveform: np.ndarray):
         return self.models.audio.lazy_features(waveform)
@@ -90,9 +92,20 @@ class LocalEngine:
             cached = self._denoiser = (options, mask, ChunkDenoiser(m.unet, m.vae, mask, options))
         return cached[2]
 
-    def denoise(self, faces, windows, mask, seed, chunk_index, options):
-        """faces (k, 3, r, r) in [-1, 1]; windows (k, 50, 384); mask (r, r) -> (k, 3, r, r)."""
+    def denoise(self, faces, windows, mask, seed, chunk_index, options, reuse=None):
+        """faces (k, 3, r, r) in [-1, 1]; windows (k, 50, 384); mask (r, r) -> (k, 3, r, r).
+        ``reuse``: the faces' source frames and the run's store of their encodings.
+
+        Compiled models: a chunk shorter than one already run (the last chunk of a video) runs
+        eagerly instead of compiling its shape (a recompile takes longer than the chunk)."""
         k = faces.shape[0]
         noise = chunk_noise(seed, k, self.resolution // 8, self.device, self.models.dtype)
         gen = chunk_generator(seed, chunk_index, self.device)
-        return self.denoiser(mask, options)(faces, windows, noise, gen)
+        denoiser = self.denoiser(mask, options)
+        if not self.models.compiled:
+            return denoiser(faces, windows, noise, gen, reuse=reuse)
+        if any(k < seen for seen in self._compiled_frames):
+            with torch.compiler.set_stance("eager_on_recompile"):
+                return denoiser(faces, windows, noise, gen, reuse=reuse)
+        self._compiled_frames.add(k)
+        return denoiser(faces, windows, noise, gen, reuse=reuse)

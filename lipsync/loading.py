@@ -111,6 +111,7 @@ class ModelBundle:
     dtype: torch.dtype
     load_seconds: float
     options: LoadOptions | None = None  # what it was loaded with
+    compile_mode: CompileMode = "none"  # set by compile_models
 
     @property
     def random_weights(self) -> bool:
@@ -120,6 +121,11 @@ class ModelBundle:
     def fp8(self) -> bool:
         """The U-Net's big linear layers run in FP8."""
         return has_fp8(self.unet)
+
+    @property
+    def compiled(self) -> bool:
+        """The U-Net and VAE were handed to ``torch.compile``."""
+        return self.compile_mode != "none"
 
 
 def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> ModelBundle:
@@ -171,5 +177,6 @@ def compile_models(bundle: ModelBundle, mode: CompileMode) -> None:
     VAE's encoder and decoder regionally. Compilation itself happens at the first call."""
     if mode == "none":
         return
+    bundle.compile_mode = mode
     bundle.unet = accel_compile.compile_unet(bundle.unet, mode)
     accel_compile.compile_vae(bundle.vae, "regional")

@@ -148,6 +148,14 @@ GuidanceSteps = Annotated[
     float | None, typer.Option(help="Share of the steps, from the first, with guidance (1: all).")
 ]
 Frames = Annotated[int, typer.Option(help="Frames per chunk.")]
+FrameCacheMb = Annotated[
+    int,
+    typer.Option(
+        "--frame-cache-mb",
+        help="Looped dubs (audio longer than the video): MB of decoded video frames kept for the "
+        "run, so each is decoded once (0: decode again every loop; same output).",
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
@@ -204,6 +212,7 @@ def run(
     cache_branch: CacheBranch = None,
     guidance_steps: GuidanceSteps = None,
     fp8: Fp8 = False,
+    frame_cache_mb: FrameCacheMb = 2048,
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write the result to --output."""
     from lipsync.api import LipSync
@@ -214,6 +223,7 @@ def run(
         force=force, crf=crf, min_face_size=min_face_size, detector=detector, loop_video=loop,
         face_cache=str(face_cache) if face_cache else None, mode=mode, scheduler=scheduler,
         cache_interval=cache_interval, cache_branch=cache_branch, guidance_steps=guidance_steps,
+        frame_cache_mb=frame_cache_mb,
     )  # fmt: skip
     options.validate()
     load = _load(preset, device, dtype, dir, compile, fp8)
@@ -286,6 +296,14 @@ def bench(
     face_cache: Annotated[
         Path | None, typer.Option(help="--video: face-track cache folder (lipsync run's).")
     ] = None,
+    dub_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="--video: also time a long dub, the clip looped under its audio repeated to "
+            "this many seconds, against the clip alone."
+        ),
+    ] = None,
+    frame_cache_mb: FrameCacheMb = 2048,
 ) -> None:
     """Time the model stages on synthetic input (per-stage ms/frame, frames/s, TFLOP/s, GPU
     busy share), or with --video/--audio a real clip end to end (one warm-up run, one timed)."""
@@ -299,10 +317,13 @@ def bench(
         mode=mode, steps=steps, guidance=guidance, scheduler=scheduler,
         cache_interval=cache_interval, cache_branch=cache_branch, guidance_steps=guidance_steps,
         chunk_frames=frames, face_cache=str(face_cache) if face_cache else None,
+        frame_cache_mb=frame_cache_mb,
     )  # fmt: skip
     run_options.validate()
+    if dub_seconds is not None and video is None:
+        raise typer.BadParameter("--dub-seconds needs --video and --audio")
     if video is not None:
-        report = bench_video(str(video), str(audio), load, run_options)
+        report = bench_video(str(video), str(audio), load, run_options, dub_seconds=dub_seconds)
     else:
         report = bench_model(load, run_options, chunks, temporal_attention)
     if as_json:

@@ -24,9 +24,10 @@ from lipsync.constants import (
     DEFAULT_MIN_FACE_SIZE,
     DEFAULT_SEED,
     DEFAULT_STEPS,
+    MODE_NAMES,
 )
 from lipsync.data.cli import data_app
-from lipsync.errors import LipSyncError
+from lipsync.errors import LipSyncError, check_choice
 from lipsync.eval.cli import eval_app
 from lipsync.export.cli import export_app
 from lipsync.serving.cli import serve_app
@@ -111,7 +112,8 @@ CompileOpt = Annotated[
     str,
     typer.Option(
         "--compile",
-        help="torch.compile the U-Net: none, regional, full, full-cudagraphs (CUDA: pays off).",
+        help="torch.compile the U-Net: none, regional, full, full-cudagraphs (CUDA: pays off), "
+        "or auto: compiled from `lipsync warmup`'s artefacts when they match, else eager.",
     ),
 ]
 Fp8 = Annotated[
@@ -215,6 +217,16 @@ def run(
     frame_cache_mb: FrameCacheMb = 2048,
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write the result to --output."""
+    from lipsync.config import get_preset
+    from lipsync.errors import ConfigError
+    from lipsync.media.validate import validate_inputs
+
+    # paths, media and the output folder first: seconds before torch and the models are imported
+    get_preset(preset)
+    validate_inputs(video, audio, output, force=force, load_waveform=False)
+    if mask is not None and not mask.is_file():
+        raise ConfigError(f"mask file not found: {mask}")
+
     from lipsync.api import LipSync
     from lipsync.pipeline import RunOptions
 
@@ -363,6 +375,45 @@ def profile(
     typer.echo(format_summary(summary))
     console.print(f"trace: {out / 'trace.json'} (open in chrome://tracing or Perfetto)")
     console.print(f"summary: {out / 'summary.json'}")
+
+
+@app.command()
+def warmup(
+    preset: Preset = "v1.6",
+    mode: Annotated[
+        list[str], typer.Option("--mode", help="Denoising mode(s) to compile for (repeatable).")
+    ] = ["exact", "fast"],  # noqa: B006 - typer reads the default, never mutates it
+    compile: Annotated[
+        str, typer.Option("--compile", help="regional (default), full or full-cudagraphs.")
+    ] = "regional",
+    device: Device = None,
+    dtype: DTypeOpt = None,
+    dir: CheckpointDir = None,
+    random_weights: RandomWeights = False,
+    fp8: Fp8 = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for the artefacts (default $LIPSYNC_HOME/compiled)."),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Compile a preset once and save the result, so later runs with --compile auto (or
+    regional) start at compiled speed (docs/PERFORMANCE.md, "Cold start")."""
+    from lipsync.tools.warmup import warmup as build
+
+    for name in mode:
+        check_choice("mode", name, MODE_NAMES)
+    load = _load(preset, device, dtype, dir, compile, fp8, random_weights)
+    with console.status(f"compiling {preset} for {', '.join(mode)}"):
+        result = build(load, list(mode), out)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console.print(
+        f"[green]wrote[/green] {result['artefact']} ({result['bytes'] / 2**20:.1f} MiB; "
+        f"compiled in {sum(result['compile_seconds'].values()):.0f} s)",
+        highlight=False,
+    )
 
 
 @app.command()

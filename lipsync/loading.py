@@ -21,17 +21,24 @@ Default policy (a ``None`` option):
 compute capability ≥ 8.9 and a bf16/fp16 model, checked before the minutes of loading);
 ``compile`` compiles the U-Net in that mode and the VAE's encoder and decoder regionally
 (:mod:`lipsync.accel.compile`), after the FP8 conversion.
+
+Precompiled artefacts (:mod:`lipsync.accel.precompiled`, built by ``lipsync warmup``): with
+compilation on, a matching artefact is hot-loaded first, so compiling finds its code in the
+caches. ``compile="auto"`` compiles only from a matching artefact (in its compile mode) and runs
+eagerly otherwise, with one warning when artefacts exist but were built for something else.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from lipsync.accel import compile as accel_compile
+from lipsync.accel import precompiled
 from lipsync.accel.fp8 import convert_unet_to_fp8, has_fp8, require_fp8_device
 from lipsync.audio import AudioEncoder
 from lipsync.checkpoints import load_unet, load_vae, read_whisper_checkpoint, require_checkpoints
@@ -41,6 +48,8 @@ from lipsync.errors import ConfigError, check_choice
 from lipsync.models.unet import UNet3D, random_unet
 from lipsync.models.vae import SD_VAE_FT_MSE_CONFIG, TINY_VAE_CONFIG, Vae, random_vae
 from lipsync.models.whisper import random_whisper_encoder
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TORCH_DTYPES",
@@ -112,6 +121,11 @@ class ModelBundle:
     load_seconds: float
     options: LoadOptions | None = None  # what it was loaded with
     compile_mode: CompileMode = "none"  # set by compile_models
+    # the precompiled artefact loaded (None: none), and whether only what it covers may run
+    # compiled (compile="auto": anything else runs eagerly)
+    precompiled: precompiled.Artefact | None = None
+    precompiled_only: bool = False
+    notes: list[str] = field(default_factory=list)  # warnings of the loading, for reports
 
     @property
     def random_weights(self) -> bool:
@@ -167,8 +181,40 @@ def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> Model
     bundle = ModelBundle(preset, unet, vae, audio, device, dtype, seconds, options)
     if options.fp8:
         convert_unet_to_fp8(bundle.unet)
-    compile_models(bundle, options.compile)
+    compile_models(bundle, _use_precompiled(bundle, options))
     return bundle
+
+
+def _use_precompiled(bundle: ModelBundle, options: LoadOptions) -> CompileMode:
+    """Load the artefact that matches ``bundle`` (if any); the compile mode to apply."""
+    if options.compile == "none":
+        return "none"
+    auto = options.compile == "auto"
+    key = precompiled.artefact_key(
+        bundle.preset.name, bundle.device, dtype_name(bundle.dtype),
+        "regional" if auto else options.compile, options.fp8, bundle.preset.num_frames,
+    )  # fmt: skip
+    match, others = precompiled.find(
+        key, precompiled.compiled_dirs(options.compiled_dir), any_compile=auto
+    )
+    if match is not None:
+        try:
+            precompiled.load(match)
+        except ConfigError as exc:
+            match = None
+            others = []
+            bundle.notes.append(f"{exc}; " + ("running eagerly" if auto else "compiling now"))
+            log.warning(bundle.notes[-1])
+    if match is not None:
+        bundle.precompiled = match
+        bundle.precompiled_only = auto
+        return match.key.compile if auto else options.compile
+    if not auto:
+        return options.compile  # compile now (minutes on a GPU; `lipsync warmup` saves them)
+    if others:
+        bundle.notes.append(precompiled.mismatch_message(key, others))
+        log.warning(bundle.notes[-1])
+    return "none"
 
 
 def compile_models(bundle: ModelBundle, mode: CompileMode) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from lipsync.accel.precompiled import compile_counters
 from lipsync.audio import frame_windows
 from lipsync.constants import (
     CHUNK_FRAMES,
@@ -167,6 +168,9 @@ class RunReport:
     # GPU "model" is mostly queueing), source frames decoded, chunks whose face encodings were
     # reused / computed (looped dubs)
     details: dict = field(default_factory=dict)
+    # compiled models: the mode, the precompiled artefact used, and the compile work this run
+    # did (graphs captured, FX-graph cache hits / misses; misses are compiled from scratch)
+    compile: dict = field(default_factory=dict)
 
     @property
     def fps(self) -> float:
@@ -339,6 +343,7 @@ class LipSyncPipeline:
     def _run(self, frames, wav, open_sink, options, progress, report: RunReport):
         progress = progress or Progress()
         engine = self.engine
+        counters_before = compile_counters() if self.models and self.models.compiled else None
         mask = self._mask(options).to(engine.device)
 
         # audio -> one window per output frame
@@ -423,6 +428,16 @@ class LipSyncPipeline:
             else {"reused_chunks": encodings.hits, "encoded_chunks": encodings.misses,
                   "bytes": encodings.bytes},
         }  # fmt: skip
+        if self.models is not None:
+            report.warnings += [n for n in self.models.notes if n not in report.warnings]
+        if counters_before is not None:
+            now = compile_counters()
+            art = self.models.precompiled
+            report.compile = {
+                "mode": self.models.compile_mode,
+                "precompiled": art.path.name if art else None,
+                **{k: now[k] - counters_before[k] for k in now},
+            }
         statuses = [track.status[i] for i in source_index]
         report.frames_face_too_small = sum(s == FrameStatus.TOO_SMALL for s in statuses)
         report.frames_without_face = n_out - report.frames_with_face

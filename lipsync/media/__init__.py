@@ -5,43 +5,47 @@
   frames (n, H, W, 3) uint8 RGB upright, decoded ahead in a background thread.
 * :class:`VideoWriter` encodes batches (+ AAC audio) in a background thread, written atomically.
 * :mod:`lipsync.media.timeline`: ffmpeg ``fps``-filter resampling, ping-pong looping indices.
+
+Names load on first use (PEP 562): ``lipsync.media.validate`` and ``probe`` import no torch, so the
+command line checks its inputs before the seconds of importing the model stack.
 """
 
-from lipsync.media.decode import FrameBatch, VideoReader, iter_frames, read_frames, scan_timeline
-from lipsync.media.encode import (
-    OUTPUT_FORMATS,
-    VideoWriter,
-    nvenc_available,
-    select_video_encoder,
-    write_video,
-)
-from lipsync.media.probe import (
-    MediaInfo,
-    Orientation,
-    codec_support,
-    has_decoder,
-    has_encoder,
-    orientation_from_matrix,
-    probe,
-)
-from lipsync.media.timeline import (
-    FpsResampler,
-    audio_samples_for_frames,
-    fps_resample_indices,
-    frames_for_audio,
-    output_frame_indices,
-    pingpong_indices,
-    rescale_near,
-)
-from lipsync.media.validate import (
-    DEFAULT_MAX_DURATION_S,
-    DEFAULT_MAX_SIDE,
-    SilentAudioWarning,
-    ValidatedInputs,
-    check_complete,
-    check_output_path,
-    validate_inputs,
-)
+import importlib
+
+# name -> submodule that defines it
+_NAMES = {
+    "FrameBatch": "decode",
+    "VideoReader": "decode",
+    "iter_frames": "decode",
+    "read_frames": "decode",
+    "scan_timeline": "decode",
+    "OUTPUT_FORMATS": "encode",
+    "VideoWriter": "encode",
+    "nvenc_available": "encode",
+    "select_video_encoder": "encode",
+    "write_video": "encode",
+    "MediaInfo": "probe",
+    "Orientation": "probe",
+    "codec_support": "probe",
+    "has_decoder": "probe",
+    "has_encoder": "probe",
+    "orientation_from_matrix": "probe",
+    "probe": "probe",
+    "FpsResampler": "timeline",
+    "audio_samples_for_frames": "timeline",
+    "fps_resample_indices": "timeline",
+    "frames_for_audio": "timeline",
+    "output_frame_indices": "timeline",
+    "pingpong_indices": "timeline",
+    "rescale_near": "timeline",
+    "DEFAULT_MAX_DURATION_S": "validate",
+    "DEFAULT_MAX_SIDE": "validate",
+    "SilentAudioWarning": "validate",
+    "ValidatedInputs": "validate",
+    "check_complete": "validate",
+    "check_output_path": "validate",
+    "validate_inputs": "validate",
+}
 
 __all__ = [
     "DEFAULT_MAX_DURATION_S",
@@ -76,3 +80,16 @@ __all__ = [
     "validate_inputs",
     "write_video",
 ]
+
+
+def __getattr__(name: str):
+    module = _NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lipsync.media' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lipsync.media.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

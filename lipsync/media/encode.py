@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from lipsync.constants import FPS, SAMPLE_RATE
+from lipsync.constants import FPS, OUTPUT_FORMATS, SAMPLE_RATE
 from lipsync.errors import MediaError, OutputPathError, one_line
 from lipsync.media.color import Yuv420Frames, as_rgb_batch
 from lipsync.media.probe import has_encoder
@@ -58,8 +58,6 @@ __all__ = [
     "write_video",
 ]
 
-#: output file extension -> (libavformat muxer name)
-OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 
 # x264 preset names -> NVENC presets p1 (fastest) .. p7 (slowest)
 _NVENC_PRESETS = {

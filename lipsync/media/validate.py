@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lipsync.constants import OUTPUT_FORMATS
 from lipsync.errors import AudioError, MediaError, OutputPathError, VideoError
-from lipsync.media.encode import OUTPUT_FORMATS
 from lipsync.media.probe import MediaInfo, check_complete, probe
 
 log = logging.getLogger("lipsync.media")

@@ -19,7 +19,8 @@ A looped dub (audio longer than the video) visits each source frame once per loo
 backward pass), and the VAE encodings of its faces are reused (:class:`FaceEncodings`), so a
 long dub costs per frame what the short clip costs; the output is bit-identical either way.
 
-The output is the input audio trimmed to the output's length, muxed with H.264 video, written
+The output's audio is the input audio as it is (its own sample rate and channels; the model
+alone gets it as 16 kHz mono), trimmed to the output's length, muxed with H.264 video, written
 atomically (temp file + rename). Ctrl-C or any error leaves no partial output.
 """
 
@@ -69,8 +70,8 @@ from lipsync.face.track import FrameStatus, require_faces
 from lipsync.loading import ModelBundle
 from lipsync.media import (
     DEFAULT_MAX_DURATION_S,
+    SourceAudio,
     VideoWriter,
-    audio_samples_for_frames,
     frames_for_audio,
     output_frame_indices,
     validate_inputs,
@@ -274,9 +275,10 @@ class LipSyncPipeline:
             inputs.video_path, inputs.video, n_video, keep_bytes=options.frame_cache_mb * 2**20
         )
 
-        def open_sink(audio_out: np.ndarray) -> VideoWriter:
+        def open_sink() -> VideoWriter:
+            # the original track (rate, channels), not the model's 16 kHz mono copy
             return VideoWriter(
-                inputs.output_path, fps=FPS, audio=audio_out, sample_rate=SAMPLE_RATE,
+                inputs.output_path, fps=FPS, audio=SourceAudio(inputs.audio_path),
                 crf=options.crf, codec=options.codec, overwrite=options.force,
                 preset=self._x264_preset(options),
             )  # fmt: skip
@@ -322,7 +324,7 @@ class LipSyncPipeline:
         if not len(wav):
             raise AudioError("the audio is empty")
         report = self._new_report(options)
-        out = self._run(frames, wav, lambda _: ArraySink(), options, progress, report)
+        out = self._run(frames, wav, ArraySink, options, progress, report)
         return out, report
 
     def _x264_preset(self, options: RunOptions) -> str:
@@ -371,7 +373,6 @@ class LipSyncPipeline:
 
         # pass 2: denoise, restore, encode
         t = time.perf_counter()
-        audio_out = wav[: audio_samples_for_frames(n_out, FPS, SAMPLE_RATE)]
         denoise_options = options.denoise_options()
         parts = _Timers()
         encodings = None
@@ -379,7 +380,7 @@ class LipSyncPipeline:
             frames.plan(source_index)
             encodings = FaceEncodings()
         progress.start("denoising", n_out)
-        sink = open_sink(audio_out)
+        sink = open_sink()
         try:
             for start in range(0, n_out, options.chunk_frames):
                 idx = source_index[start : start + options.chunk_frames]
@@ -411,8 +412,8 @@ class LipSyncPipeline:
             progress.finish("denoising")
             report.seconds["denoise"] = time.perf_counter() - t
             t = time.perf_counter()
-            progress.start("encoding", 1)
-            result = sink.close()
+            progress.start("encoding", n_out)  # what the encoder has not finished yet
+            result = sink.close(on_frames=lambda n: progress.advance("encoding", n))
             progress.finish("encoding")
             report.seconds["encode"] = time.perf_counter() - t
         except BaseException:

@@ -6,11 +6,24 @@
 * :class:`VideoWriter` encodes batches (+ AAC audio) in a background thread, written atomically.
 * :mod:`lipsync.media.timeline`: ffmpeg ``fps``-filter resampling, ping-pong looping indices.
 
-Names load on first use (PEP 562): ``lipsync.media.validate`` and ``probe`` import no torch, so the
-command line checks its inputs before the seconds of importing the model stack.
+Names load on first use (PEP 562), except :mod:`~lipsync.media.probe`'s: ``lipsync.media.validate``
+and ``probe`` import no torch, so the command line checks its inputs before the seconds of
+importing the model stack.
 """
 
 import importlib
+
+# ``probe`` is both a submodule and a function: imported here, the function keeps the name (a
+# lazy name would be shadowed by the submodule once anything imports lipsync.media.probe)
+from lipsync.media.probe import (
+    MediaInfo,
+    Orientation,
+    codec_support,
+    has_decoder,
+    has_encoder,
+    orientation_from_matrix,
+    probe,
+)
 
 # name -> submodule that defines it
 _NAMES = {
@@ -21,16 +34,11 @@ _NAMES = {
     "scan_timeline": "decode",
     "OUTPUT_FORMATS": "encode",
     "VideoWriter": "encode",
+    "SourceAudio": "audio_track",
+    "remove_stale_partials": "partials",
     "nvenc_available": "encode",
     "select_video_encoder": "encode",
     "write_video": "encode",
-    "MediaInfo": "probe",
-    "Orientation": "probe",
-    "codec_support": "probe",
-    "has_decoder": "probe",
-    "has_encoder": "probe",
-    "orientation_from_matrix": "probe",
-    "probe": "probe",
     "FpsResampler": "timeline",
     "audio_samples_for_frames": "timeline",
     "fps_resample_indices": "timeline",
@@ -56,6 +64,7 @@ __all__ = [
     "MediaInfo",
     "Orientation",
     "SilentAudioWarning",
+    "SourceAudio",
     "ValidatedInputs",
     "VideoReader",
     "VideoWriter",
@@ -74,6 +83,7 @@ __all__ = [
     "pingpong_indices",
     "probe",
     "read_frames",
+    "remove_stale_partials",
     "rescale_near",
     "scan_timeline",
     "select_video_encoder",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -251,8 +251,12 @@ class ArraySink:
     def write(self, frames: np.ndarray) -> None:
         self._chunks.append(np.asarray(frames))
 
-    def close(self) -> np.ndarray:
-        return np.concatenate(self._chunks) if self._chunks else np.empty((0, 0, 0, 3), np.uint8)
+    def close(self, on_frames: Callable[[int], None] | None = None) -> np.ndarray:
+        """All frames written, in order (``on_frames(n)``: as :meth:`VideoWriter.close`)."""
+        out = np.concatenate(self._chunks) if self._chunks else np.empty((0, 0, 0, 3), np.uint8)
+        if on_frames is not None and len(out):
+            on_frames(len(out))
+        return out
 
     def abort(self) -> None:
         self._chunks.clear()

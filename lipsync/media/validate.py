@@ -119,10 +119,33 @@ def _check_exists(path: Path, error: type[MediaError], what: str) -> None:
         raise error(f"not a {what} file: {path} is a directory or special file")
 
 
+# audio file extensions -> what FFmpeg's demuxer for them is called (the ones people pass)
+_AUDIO_EXTENSIONS = {
+    ".wav": ("WAV", {"wav", "w64"}),
+    ".mp3": ("MP3", {"mp3"}),
+    ".flac": ("FLAC", {"flac"}),
+    ".m4a": ("M4A", {"mov,mp4,m4a,3gp,3g2,mj2"}),
+    ".aac": ("AAC", {"aac"}),
+    ".ogg": ("Ogg", {"ogg"}),
+    ".opus": ("Opus", {"ogg"}),
+}
+
+
 def _probe_role(path: Path, error: type[MediaError]) -> MediaInfo:
-    info = probe(path, error=error)
+    audio_role = issubclass(error, AudioError)
+    # the audio role needs no video frame decoded: a damaged audio file that FFmpeg takes for
+    # raw video must not be reported as a video decoding error
+    info = probe(path, error=error, decode_first_frame=not audio_role)
     if info.format_name in _REJECTED_FORMATS:
         raise error(f"cannot read {path}: not a media file")
+    if audio_role and not info.has_audio:
+        kind, demuxers = _AUDIO_EXTENSIONS.get(path.suffix.lower(), (None, set()))
+        if kind is not None and info.format_name not in demuxers:
+            seen = f"{info.video_codec} video" if info.has_video else info.format_name
+            raise AudioError(
+                f"{path} is not a readable {kind} file: FFmpeg finds no audio in it (it reads "
+                f"as {seen}); its header is probably damaged"
+            )
     check_complete(path, error)
     return info
 

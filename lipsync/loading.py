@@ -10,8 +10,8 @@ Default policy (a ``None`` option):
 * **device**: ``cuda`` when torch sees a GPU, else ``cpu``. Asking for ``cuda`` without one is
   a :class:`~lipsync.errors.ConfigError`.
 * **dtype** of the U-Net and VAE: ``fp16`` on CUDA (the reference's inference dtype), ``fp32``
-  on the CPU (half precision on a CPU is slow and inexact). The Whisper encoder always runs in
-  fp32.
+  on the CPU (half precision on a CPU is slow and inexact: asking for ``fp16`` there works but
+  warns). The Whisper encoder always runs in fp32.
 * **CPU threads** (models on the CPU): all cores but one, which is left to the decoder and
   encoder threads that run beside the model. A server without media threads (Triton) passes
   ``cpu_threads=os.cpu_count()``.
@@ -51,7 +51,15 @@ from lipsync.models.whisper import random_whisper_encoder
 
 log = logging.getLogger(__name__)
 
+# fp16 on the CPU computes the right thing (fp16 numerics can be checked there) but slowly:
+# docs/NOTES.md, "fp16 on the CPU"
+CPU_FP16_WARNING = (
+    "fp16 on the CPU is slow (6-9x slower than fp32 in lipsync bench, tiny preset) and less "
+    "exact; use --dtype fp32, the CPU default, unless you are checking fp16 numerics"
+)
+
 __all__ = [
+    "CPU_FP16_WARNING",
     "TORCH_DTYPES",
     "LoadOptions",
     "ModelBundle",
@@ -179,6 +187,9 @@ def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> Model
         audio = AudioEncoder(read_whisper_checkpoint(paths["whisper"]), device=device)
     seconds = time.perf_counter() - start
     bundle = ModelBundle(preset, unet, vae, audio, device, dtype, seconds, options)
+    if device.type == "cpu" and dtype == torch.float16:
+        bundle.notes.append(CPU_FP16_WARNING)
+        log.warning(CPU_FP16_WARNING)
     if options.fp8:
         convert_unet_to_fp8(bundle.unet)
     compile_models(bundle, _use_precompiled(bundle, options))

@@ -1,13 +1,17 @@
 """The ``lipsync`` command.
 
 Errors a user can act on (:class:`lipsync.errors.LipSyncError`) print one line, ``error: …``, and
-exit non-zero; anything else is a bug and keeps its traceback.
+exit non-zero; anything else is a bug and keeps its traceback. ``lipsync run`` treats SIGTERM
+(``kill``, Kubernetes, process managers) like Ctrl-C: the partial output is removed and the exit
+code is 143. Warnings of the ``lipsync`` loggers print as one ``warning: …`` line each.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -16,6 +20,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lipsync.constants import (
@@ -39,8 +44,47 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: no <bool> type column on flags
 )
-console = Console(stderr=True)
+# soft_wrap: a line is never broken at the console width (80 columns when piped)
+console = Console(stderr=True, soft_wrap=True)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, a process manager): unwinds like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+class _ConsoleWarnings(logging.Handler):
+    """``lipsync.*`` warnings as ``warning: …`` lines on stderr (each message once)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.show(record.getMessage())
+
+    def show(self, message: str) -> None:
+        if message not in self.seen:
+            self.seen.add(message)
+            console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
+
+
+_warnings = _ConsoleWarnings()
+
+
+def _show_warnings() -> None:
+    """Print the ``lipsync`` loggers' warnings as ``warning:`` lines (the commands a person
+    watches; the job service logs its own way, lipsync.serving.logs)."""
+    logger = logging.getLogger("lipsync")
+    if _warnings not in logger.handlers:
+        logger.addHandler(_warnings)
+
+
 app.add_typer(serve_app, name="serve")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
@@ -75,15 +119,19 @@ class RichProgress:
             transient=False,
         )
         self._tasks: dict[str, int] = {}
+        self._started = False
 
     def __enter__(self):
-        self._bars.start()
-        return self
+        return self  # the bars appear with the first stage: an early error prints no empty line
 
     def __exit__(self, *exc):
-        self._bars.stop()
+        if self._started:
+            self._bars.stop()
 
     def start(self, stage: str, total: int) -> None:
+        if not self._started:
+            self._started = True
+            self._bars.start()
         self._tasks[stage] = self._bars.add_task(stage, total=total, rate="")
 
     def advance(self, stage: str, n: int = 1) -> None:
@@ -221,6 +269,8 @@ def run(
     from lipsync.errors import ConfigError
     from lipsync.media.validate import validate_inputs
 
+    signal.signal(signal.SIGTERM, _raise_terminated)  # like Ctrl-C: no partial output is left
+    _show_warnings()
     # paths, media and the output folder first: seconds before torch and the models are imported
     get_preset(preset)
     validate_inputs(video, audio, output, force=force, load_waveform=False)
@@ -260,7 +310,7 @@ def _print_summary(report) -> None:
     )
     console.print(f"stages: {stages}", highlight=False)
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        _warnings.show(warning)
 
 
 @app.command("app")
@@ -275,6 +325,7 @@ def web_app(
     """Serve the web UI (Gradio): upload, options, progress, result."""
     from lipsync.app import build_app
 
+    _show_warnings()
     page = build_app(_load(preset, device, dtype, dir))
     console.print(f"lipsync web UI on http://{host}:{port}")
     page.queue().launch(server_name=host, server_port=port, show_error=True, quiet=True)
@@ -322,6 +373,7 @@ def bench(
     from lipsync.pipeline import RunOptions
     from lipsync.tools.bench import bench_model, bench_video
 
+    _show_warnings()
     load = _load(preset, device, dtype, None, compile, fp8, random_weights)
     if (video is None) != (audio is None):
         raise typer.BadParameter("--video and --audio go together")
@@ -367,6 +419,7 @@ def profile(
     from lipsync.pipeline import RunOptions
     from lipsync.tools.profile import format_summary, profile_model
 
+    _show_warnings()
     load = _load(preset, device, dtype, None, compile, fp8, random_weights)
     run_options = RunOptions(mode=mode, steps=steps, scheduler=scheduler, chunk_frames=frames)
     run_options.validate()
@@ -401,6 +454,7 @@ def warmup(
     regional) start at compiled speed (docs/PERFORMANCE.md, "Cold start")."""
     from lipsync.tools.warmup import warmup as build
 
+    _show_warnings()
     for name in mode:
         check_choice("mode", name, MODE_NAMES)
     load = _load(preset, device, dtype, dir, compile, fp8, random_weights)
@@ -434,9 +488,16 @@ def download(
 ) -> None:
     """Fetch the official U-Net, Whisper and VAE checkpoints (resumable)."""
     from lipsync.checkpoints import download as fetch
-    from lipsync.config import get_preset
+    from lipsync.config import PRESETS, get_preset
+    from lipsync.errors import ConfigError
 
-    preset = get_preset(version)
+    versions = [p.name.lstrip("v") for p in PRESETS.values() if not p.random_weights]
+    try:
+        preset = get_preset(version)
+    except ConfigError:
+        preset = None
+    if preset is None or preset.random_weights:
+        raise ConfigError(f"unknown version {version!r}; choose {' or '.join(versions)}")
     paths = fetch(preset.name, root=dir, mirror=source, progress=True)
     for name, path in paths.items():
         console.print(f"{name:8s} {path}")
@@ -495,6 +556,7 @@ def check(
     """Load a preset's models strictly and run one denoising call on synthetic input."""
     from lipsync.tools.check import check_preset
 
+    _show_warnings()
     report = check_preset(_load(preset, device, dtype, dir))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -514,11 +576,14 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except LipSyncError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted after {time.perf_counter() - start:.1f} s[/yellow]")
         sys.exit(130)
+    except Terminated:
+        console.print(f"[yellow]terminated after {time.perf_counter() - start:.1f} s[/yellow]")
+        sys.exit(143)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # usage errors: click's ClickException / Abort (Typer may vendor

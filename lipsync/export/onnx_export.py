@@ -280,7 +280,8 @@ def export_graph(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _state_key(models: ExportModels, options: ExportOptions) -> dict:
+def state_key(models: ExportModels, options: ExportOptions) -> dict:
+    """What must match for an interrupted export to be resumed."""
     return {
         "preset": models.preset.name,
         "weights": models.weights,
@@ -328,7 +329,7 @@ def export_onnx(
     options = options or ExportOptions()
     options.validate()
     folder = Path(out_dir).expanduser()
-    key = _state_key(models, options)
+    key = state_key(models, options)
     manifest_path = folder / MANIFEST
     if manifest_path.is_file() and not options.force:
         old = Manifest.read(folder)

@@ -6,11 +6,12 @@
         --out $OUT/onnx_speed.jsonl                               # a GPU machine
 
 Random weights of the preset's architecture (seed 0), exported into ``--onnx-dir`` first when
-that folder holds no export. Synthetic aligned faces and audio windows (model time does not
-depend on content). Per engine: one warm-up chunk (compilation, TensorRT engine builds, ORT
-arena growth), then ``--repeat`` timed chunks of ``--frames`` frames and ``--steps`` guided
-DDIM steps, with the seconds spent in VAE encode / U-Net / VAE decode. One JSON line per
-engine; the ONNX line also holds the largest difference from the PyTorch output.
+that folder holds no export (a JSON line with the export's seconds and its verification against
+PyTorch: this is also the full-size parity check). Synthetic aligned faces and audio windows
+(model time does not depend on content). Per engine: one warm-up chunk (compilation, TensorRT
+engine builds, ORT arena growth), then ``--repeat`` timed chunks of ``--frames`` frames and
+``--steps`` guided DDIM steps, with the seconds spent in VAE encode / U-Net / VAE decode. One
+JSON line per engine; the ONNX line also holds the largest difference from the PyTorch output.
 
 ``--engines torch`` or ``--engines onnx`` runs one side only (full-size models on a small
 machine: one set of weights in memory at a time).
@@ -128,8 +129,11 @@ def main() -> None:
             if models.unet is None:
                 models = random_models(args.preset, seed=0)
             start = time.perf_counter()
-            export_onnx(models, args.onnx_dir, ExportOptions("fp16" if args.fp16 else "fp32"))
-            print(f"exported in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            precision = "fp16" if args.fp16 else "fp32"
+            manifest = export_onnx(models, args.onnx_dir, ExportOptions(precision))
+            seconds = round(time.perf_counter() - start)
+            lines.append({**common, "export_seconds": seconds, **manifest.verification})
+            print(json.dumps(lines[-1]), flush=True)
         del models
         engine = OrtEngine(args.onnx_dir, provider=args.provider, threads=args.threads)
         denoiser = engine.denoiser(mask, options)

@@ -13,6 +13,9 @@ engine builds, ORT arena growth), then ``--repeat`` timed chunks of ``--frames``
 ``--steps`` guided DDIM steps, with the seconds spent in VAE encode / U-Net / VAE decode. One
 JSON line per engine; the ONNX line also holds the largest difference from the PyTorch output.
 
+``--unet-calls N`` instead times N guided U-Net calls per engine, alternating PyTorch and ONNX
+Runtime call by call (medians), so a machine shared with other jobs slows both sides alike.
+
 ``--engines torch`` or ``--engines onnx`` runs one side only (full-size models on a small
 machine: one set of weights in memory at a time).
 """
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -63,6 +67,39 @@ def time_chunks(denoiser: ChunkDenoiser, faces, windows, noise_for, gen_for, rep
     return total, stages, first, out.float().cpu()
 
 
+def alternate_unet_calls(models, args, common) -> dict:
+    """Median seconds of one guided U-Net call (2 clips of ``--frames``), PyTorch fp32 CPU and
+    ONNX Runtime, called alternately."""
+    if not os.path.isfile(os.path.join(args.onnx_dir, MANIFEST)):
+        export_onnx(models, args.onnx_dir, ExportOptions("fp16" if args.fp16 else "fp32"))
+    engine = OrtEngine(args.onnx_dir, provider=args.provider, threads=args.threads)
+    h = models.preset.resolution // 8
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 13, args.frames, h, h, generator=g)
+    audio = torch.randn(args.frames, 50, 384, generator=g)
+    t = torch.tensor(501)
+    times = {"pytorch": [], "onnxruntime": []}
+    diff = 0.0
+    with torch.inference_mode():
+        for _ in range(args.unet_calls + 1):  # the first round is a warm-up
+            start = time.perf_counter()
+            ref = models.unet(sample, t, audio, 1)
+            times["pytorch"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            out = engine.unet(sample, t, audio, 1)
+            times["onnxruntime"].append(time.perf_counter() - start)
+            diff = max(diff, float((out - ref).abs().max() / ref.abs().max()))
+    median = {k: round(statistics.median(v[1:]), 4) for k, v in times.items()}
+    return {
+        **common, "measure": "guided U-Net call, alternating", "calls": args.unet_calls,
+        "seconds_median": median, "onnx_over_pytorch": round(
+            median["pytorch"] / median["onnxruntime"], 3),
+        "providers": engine.providers, "precision": engine.manifest.precision,
+        "onnxruntime": onnxruntime.__version__, "max_rel_diff": diff,
+        "load_average": os.getloadavg(),
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny")
@@ -78,6 +115,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both engines")
     ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--unet-calls", type=int, default=0, help="alternate N U-Net calls per engine")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,6 +135,10 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     lines, reference = [], None
+    if args.unet_calls:
+        lines.append(alternate_unet_calls(models, args, common))
+        print(json.dumps(lines[-1]), flush=True)
+        engines = []
 
     if "torch" in engines:
         device, dtype = torch.device(args.torch_device), DTYPES[args.torch_dtype]

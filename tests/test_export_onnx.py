@@ -9,6 +9,7 @@ The export is traced once per session (about a minute on two cores).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 
@@ -133,8 +134,12 @@ def test_export_writes_every_graph_and_a_verified_manifest(export_dir):
     assert set(manifest.verification) == set(GRAPH_NAMES)
     for figures in manifest.verification.values():
         assert figures["max_rel_error"] <= 1e-4
+    mask = os.umask(0)
+    os.umask(mask)
     for graph in GRAPH_NAMES:  # weights in one external file beside each graph
         assert (export_dir / f"{graph}.onnx.data").stat().st_size > 0
+        for name in (f"{graph}.onnx", f"{graph}.onnx.data", MANIFEST):  # readable like any file
+            assert (export_dir / name).stat().st_mode & 0o777 == 0o666 & ~mask
     assert not (export_dir / STATE).exists() and not (export_dir / ".partial").exists()
 
 

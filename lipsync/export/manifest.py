@@ -22,6 +22,14 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 
 
+def make_readable(path: Path) -> None:
+    """Give ``path`` the permissions a plain ``open()`` would (temporary files and ONNX's
+    external data start as owner-only), so a server under another user can read exports."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +38,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
+        make_readable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

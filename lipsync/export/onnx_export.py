@@ -49,7 +49,14 @@ from lipsync.export.graphs import (
     VaeDecoderGraph,
     VaeEncoderGraph,
 )
-from lipsync.export.manifest import MANIFEST, PRECISIONS, Manifest, Precision, write_json_atomic
+from lipsync.export.manifest import (
+    MANIFEST,
+    PRECISIONS,
+    Manifest,
+    Precision,
+    make_readable,
+    write_json_atomic,
+)
 from lipsync.export.weights import ExportModels
 
 OPSET = 17
@@ -241,6 +248,8 @@ def save_graph(model: onnx.ModelProto, folder: Path, graph: str) -> Path:
         location=data_name(graph),
         size_threshold=1024,
     )
+    for written in (path, folder / data_name(graph)):
+        make_readable(written)
     return path
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lipsync.errors import ConfigError, LipSyncError
 from lipsync.export.graphs import GRAPH_NAMES
-from lipsync.export.manifest import Manifest, write_json_atomic
+from lipsync.export.manifest import Manifest, make_readable, write_json_atomic
 from lipsync.export.profiles import graph_inputs, shape_profile
 
 
@@ -80,6 +80,7 @@ def build_engine(
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(memoryview(serialized))
+        make_readable(Path(tmp))
         os.replace(tmp, plan_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

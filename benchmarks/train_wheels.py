@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from triton_wheels import download, slim  # noqa: E402
+from fetch_triton_wheels import download, slim  # noqa: E402
 
 # KINDS.md's package list for the GPU image has neither diffusers, importlib_metadata (which
 # diffusers imports), soundfile, nor cffi / pycparser (which soundfile loads libsndfile with).

@@ -243,7 +243,12 @@ class FaceReuse:
 
 
 class ChunkDenoiser:
-    """Turns aligned faces + audio windows into faces with a regenerated mouth."""
+    """Turns aligned faces + audio windows into faces with a regenerated mouth.
+
+    ``unet`` and ``vae``: our modules, or anything answering the same calls (``device``,
+    ``dtype``, ``cache_point``, ``__call__``; ``encode``, ``decode``), such as the exported
+    graphs of :mod:`lipsync.export.ort_engine`.
+    """
 
     def __init__(
         self,
@@ -258,7 +263,7 @@ class ChunkDenoiser:
         self.options.validate()
         if self.options.cache_interval > 1:
             unet.cache_point(self.options.cache_branch)  # ConfigError if this U-Net has none
-        self.device = unet.conv_in.weight.device
+        self.device = unet.device
         self.dtype = unet.dtype
         # mask: (r, r), 1 = keep, 0 = generate
         self.mask = torch.as_tensor(mask, dtype=torch.float32).to(self.device)

@@ -212,12 +212,15 @@ def save_weights(
         v = v.detach().to("cpu")
         tensors[k] = (v.to(target) if v.is_floating_point() else v).contiguous()
     shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    # a file is its tensors plus a JSON header (each entry's name, dtype, shape and offsets, and
+    # the metadata): counted generously so that no file passes max_shard_bytes
+    header = 8 + len(json.dumps(dict(metadata or {}))) + 64
+    size = header
     for k in sorted(tensors):
-        nbytes = tensors[k].numel() * tensors[k].element_size()
+        nbytes = tensors[k].numel() * tensors[k].element_size() + len(k) + 96
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
-            size = 0
+            size = header
         shards[-1][k] = tensors[k]
         size += nbytes
     names = (

@@ -268,3 +268,18 @@ def test_vae_training_raises_psnr_and_exports_a_loadable_vae(tmp_path):
     assert vae.scaling_factor == pytest.approx(1.0 / summary["val"]["latent_std"])
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     assert vae.decode(vae.encode(x)).shape == x.shape
+
+
+def test_weight_shards_stay_under_the_limit_with_their_headers(tmp_path):
+    """Every shard file, header and metadata included, stays within ``max_shard_bytes`` (the GPU
+    machine refuses files past 16 MiB; a shard whose tensors alone filled the budget did not)."""
+    from lipsync.own_checkpoints import save_weights
+
+    limit = 64 * 1024
+    # many small tensors with long names: their header entries are a large share of the file
+    state = {f"block.{i:03d}.a_rather_long_parameter_name.weight": torch.ones(500) for i in range(90)}
+    names = save_weights(state, tmp_path, "w", dtype="fp32", metadata={"config": "x" * 2000},
+                         max_shard_bytes=limit)  # fmt: skip
+    sizes = [(tmp_path / n).stat().st_size for n in names]
+    assert len(names) > 1 and max(sizes) <= limit, sizes
+    assert sum(sizes) > 90 * 2000  # everything was written

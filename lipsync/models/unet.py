@@ -392,6 +392,10 @@ class UNet3D(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
     def cache_point(self, branch: int) -> CachePoint:
         """The cut of DeepCache skip branch ``branch`` (0 = shallowest; ConfigError if none)."""
         n = len(self.down_blocks)

@@ -206,18 +206,33 @@ def write_pack(
     resolution = int(records[0].get("resolution") or 0)
     inventory: dict[str, int] = {}
     segments: list[PackSegment] = []
-    by_split: dict[str, list[np.ndarray]] = {}
     wav_split: dict[str, list[np.ndarray]] = {}
     vis_split: dict[str, list[np.ndarray]] = {}
     ph_split: dict[str, list[np.ndarray]] = {}
     kept_frames: dict[str, int] = {}
+    # which segments are kept, so that each split's frames can go straight into one array
+    chosen: list[dict[str, Any]] = []
     for rec in records:
         split = rec["split"]
         limit = (max_minutes or {}).get(split)
         if limit is not None and kept_frames.get(split, 0) + rec["frames"] > limit * 60 * FPS:
             continue
-        frames, wav = _decode_segment(rec, resolution or _probe_resolution(rec))
-        resolution = frames.shape[1]
+        kept_frames[split] = kept_frames.get(split, 0) + rec["frames"]
+        chosen.append(rec)
+    if not resolution:
+        resolution = _probe_resolution(chosen[0])
+    # decoded frames live in memory-mapped scratch files beside the pack (60k frames at 256 px
+    # are 12 GB: more than a small machine should hold twice), removed at the end
+    frames_all: dict[str, np.ndarray] = {}
+    for split, n in kept_frames.items():
+        scratch = out / f".frames-{split}.u8"
+        frames_all[split] = np.lib.format.open_memmap(
+            scratch, mode="w+", dtype=np.uint8, shape=(n, resolution, resolution, 3)
+        )
+    kept_frames = {}
+    for rec in chosen:
+        split = rec["split"]
+        frames, wav = _decode_segment(rec, resolution)
         visemes, phones = _frame_labels(rec, inventory)
         labels = rec.get("labels") or {}
         pos = kept_frames.get(split, 0)
@@ -232,12 +247,11 @@ def write_pack(
                 sentence_id=labels.get("sentence_id"),
             )
         )
+        frames_all[split][pos : pos + len(frames)] = frames
         kept_frames[split] = pos + len(frames)
-        by_split.setdefault(split, []).append(frames)
         wav_split.setdefault(split, []).append(wav)
         vis_split.setdefault(split, []).append(visemes)
         ph_split.setdefault(split, []).append(phones)
-    frames_all = {s: np.concatenate(v) for s, v in by_split.items()}
     wav_all = {s: np.concatenate(v) for s, v in wav_split.items()}
     log(
         f"pack: {sum(len(f) for f in frames_all.values())} frames in "
@@ -301,6 +315,10 @@ def write_pack(
         "bytes": {"video": video_bytes, "audio": audio_bytes, "labels": len(buf.getvalue())},
         "seconds": round(time.perf_counter() - start, 1),
     }
+    for split, frames in frames_all.items():
+        del frames
+        (out / f".frames-{split}.u8").unlink(missing_ok=True)
+    frames_all.clear()
     tmp = out / "pack.json.part"
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     os.replace(tmp, out / "pack.json")

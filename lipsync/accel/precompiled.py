@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -172,12 +173,22 @@ def mismatch_message(key: ArtefactKey, others: list[Artefact]) -> str:
 
 
 def load(artefact: Artefact) -> int:
-    """Hot-load ``artefact`` into this process's compile caches; returns the entries loaded."""
+    """Hot-load ``artefact`` into this process's compile caches; returns the entries loaded.
+    ConfigError when the file cannot be read or holds nothing (torch only logs a damaged one,
+    with a traceback, and loads nothing: silenced here, reported as one error)."""
+    torch_log = logging.getLogger("torch.compiler._cache")
+    level = torch_log.level
+    torch_log.setLevel(logging.CRITICAL)
     try:
         info = torch.compiler.load_cache_artifacts(artefact.path.read_bytes())
     except Exception as exc:  # a damaged or foreign file: the caller falls back
         raise ConfigError(f"cannot load precompiled artefacts {artefact.path}: {exc}") from exc
-    return sum(len(v) for v in info.artifacts.values()) if info is not None else 0
+    finally:
+        torch_log.setLevel(level)
+    entries = sum(len(v) for v in info.artifacts.values()) if info is not None else 0
+    if not entries:
+        raise ConfigError(f"cannot load precompiled artefacts {artefact.path}: damaged or empty")
+    return entries
 
 
 def save(

@@ -1,25 +1,35 @@
 """Real-world use on one GPU (issue #19), one unattended run: long dubs and cold starts.
 
-1. ``warmup``: a fresh process with empty compile caches builds the precompiled artefacts of
+1. ``eager``: a fresh process, no compilation: process start → first chunk out, frames/s.
+2. ``warmup``: a fresh process with empty compile caches builds the precompiled artefacts of
    v1.6 (random weights) for ``--mode fast`` (``lipsync.tools.warmup``): the cold compile time.
-2. ``auto``: a fresh process with empty compile caches and the artefacts (``--compile auto``)
+3. ``auto``: a fresh process with empty compile caches and the artefacts (``--compile auto``)
    runs the demo clip: process start → models loaded → first chunk out (compiled speed?); then
-   the 9.6 s demo timed, and a 90 s dub of it (the clip looped ping-pong) timed: frames/s, GPU
-   busy share (NVML), stage seconds, pass-2 details (decode, reuse). Optionally the same dub
-   with the long-dub reuse off (``frame_cache_mb=0``) as an A/B.
-3. ``eager``: a fresh process, no compilation: process start → first chunk out, frames/s.
-4. ``regional-warm`` (optional): a fresh process, ``--compile regional`` with the local
-   inductor cache the warmup left (no artefacts): what a second process on the same machine
-   sees without artefacts.
+   the 9.6 s demo timed, and a long dub of it (up to ``--dub-seconds``, default 90 s; the clip
+   looped ping-pong) timed: frames/s, GPU busy share (NVML), stage seconds, pass-2 details
+   (frames decoded, face encodings reused).
+4. Optional, when time is left: the same kind of dub with the long-dub reuse off
+   (``frame_cache_mb=0``) as an A/B; and ``regional-warm``, a fresh process with ``--compile
+   regional`` and the inductor cache the warmup left (no artefacts): what a second process on
+   the same machine sees without artefacts.
 
 Every process runs ``--mode fast --scheduler dpm++ --steps 6`` on v1.6's architecture with
-random weights in bf16, the face track read from ``--face-cache`` (made on the CPU; no
-mediapipe here). Parts past ``--budget-s`` are skipped (the run must fit a short lease).
-Writes ``$OUT/realworld_gpu.json`` (everything), ``$OUT/artefact_manifest.json`` and
-``$OUT/logs/*.log`` (each child's stderr tail).
+random weights in bf16, the face track read from ``--faces`` (made on the CPU; no mediapipe
+there). The whole run ends within ``--budget-s`` (default 450 s): each child is stopped at the
+deadline, the dub is shortened to what the time left allows (its length is recorded), and the
+optional parts run only when time is left. Writes ``$OUT/realworld_gpu.json`` (everything, rewritten
+after each part), ``$OUT/artefact_manifest.json`` and ``$OUT/logs/*.log`` (each child's output).
 
-    python3 benchmarks/gpu_realworld.py --media .bench_media --out $OUT
-    python3 benchmarks/gpu_realworld.py --preset tiny --device cpu --dtype fp32 --out /tmp/x
+On the H200 (torch 2.11, Python 3.12; its image lacks PyAV and diffusers, and ``../shared`` does
+not travel): first, on the CPU machine, ``python benchmarks/realworld_wheels.py`` (fills
+``.whl_realworld/`` and ``.bench_media/``); then one call carrying both, about 8 minutes:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        .whl_realworld/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && \
+        python3 benchmarks/gpu_realworld.py --media .bench_media --out $OUT
+
+A smoke run on a CPU: ``python benchmarks/gpu_realworld.py --preset tiny --device cpu --dtype
+fp32 --dub-seconds 12 --ab-dub-seconds 11 --budget-s 1500 --out /tmp/x``.
 
 Results: docs/PERFORMANCE.md ("Long dubs", "Cold start").
 """
@@ -99,6 +109,13 @@ def timed(pipe, video, audio, out, options, device) -> dict:
     }
 
 
+def dub_seconds_within(wanted: float, fps: float, deadline: float, reserve_s: float) -> float:
+    """The longest dub up to ``wanted`` seconds of audio whose frames (25 per second) fit before
+    ``deadline`` at ``fps``, keeping ``reserve_s`` spare (at least 10 s of audio)."""
+    seconds_left = deadline - time.time() - reserve_s
+    return round(max(10.0, min(wanted, seconds_left * fps / 25.0 / 1.5)), 1)
+
+
 def child(args) -> dict:
     """One fresh process: import, load, the first run (cold start), then what ``--parts`` asks."""
     t0 = float(os.environ.get("LIPSYNC_T0", T_START))
@@ -138,40 +155,81 @@ def child(args) -> dict:
             first_run_warnings=report.warnings,
         )
         dev = models.device
+        fps = result["first_run_fps"]
         if "short" in args.parts:
             result["short"] = timed(pipe, video, audio, out, run_options(args), dev)
-        if "dub" in args.parts:
+            fps = result["short"]["fps_end_to_end"]
+        save_partial(args, result)
+        for part, wanted, extra in (
+            ("dub", args.dub_seconds, {}),
+            ("dub_reuse_off", args.ab_dub_seconds, {"frame_cache_mb": 0}),
+        ):
+            if part not in args.parts:
+                continue
             from lipsync.tools.bench import looped_audio as make_dub
 
-            dub = make_dub(audio, args.dub_seconds, Path(tmp) / "dub.wav")
-            result["dub"] = timed(pipe, video, str(dub), out, run_options(args), dev)
-            result["dub"]["audio_seconds"] = args.dub_seconds
-        if "dub_reuse_off" in args.parts:
-            from lipsync.tools.bench import looped_audio as make_dub
-
-            dub = make_dub(audio, args.ab_dub_seconds, Path(tmp) / "dub_ab.wav")
-            opts = run_options(args, frame_cache_mb=0)
-            result["dub_reuse_off"] = timed(pipe, video, str(dub), out, opts, dev)
-            result["dub_reuse_off"]["audio_seconds"] = args.ab_dub_seconds
+            seconds = dub_seconds_within(wanted, fps, args.deadline, reserve_s=10)
+            dub = make_dub(audio, seconds, Path(tmp) / f"{part}.wav")
+            result[part] = timed(pipe, video, str(dub), out, run_options(args, **extra), dev)
+            result[part]["audio_seconds"] = seconds
+            save_partial(args, result)
     return result
 
 
-def spawn(args, part: str, compile_mode: str, parts: str, env: dict, log: Path) -> dict | None:
-    """Run one child process; its JSON result (None if it failed: see its log)."""
+def save_partial(args, result: dict) -> None:
+    """The child's result so far (the parent reads it even if the child is stopped later)."""
+    Path(args.result).write_text(json.dumps({**result, "partial": True}))
+
+
+def spawn(
+    args, part: str, compile_mode: str, parts: str, env: dict, log: Path, deadline: float
+) -> dict:
+    """Run one child process until it ends or ``deadline``; its JSON result (what it had written
+    so far when stopped, marked ``partial``; ``failed`` if it wrote nothing: see its log)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = f.name
     cmd = [sys.executable, __file__, "--child", part, "--compile", compile_mode, "--parts", parts,
-           "--result", result_path, *args.passthrough]  # fmt: skip
+           "--result", result_path, "--deadline", repr(deadline), *args.passthrough]  # fmt: skip
     full_env = {**os.environ, **env, "LIPSYNC_T0": repr(time.time())}
     t = time.time()
+    timed_out = False
     with open(log, "w") as err:
-        proc = subprocess.run(cmd, env=full_env, stdout=err, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=err, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.kill()
+            proc.wait()
+    text = Path(result_path).read_text() if Path(result_path).stat().st_size else ""
+    if proc.returncode != 0 and not timed_out:
         print(f"{part}: exit {proc.returncode}, see {log}", file=sys.stderr)
-        return None
-    result = json.loads(Path(result_path).read_text())
-    result["process_wall_s"] = round(time.time() - t, 2)
+    if not text:
+        return {"failed": True, "exit": proc.returncode, "timed_out": timed_out, "log": log.name}
+    result = json.loads(text)
+    if proc.returncode == 0:
+        result.pop("partial", None)
+    result.update(process_wall_s=round(time.time() - t, 2), timed_out=timed_out)
     return result
+
+
+def preflight() -> dict:
+    """What the children need, checked once: a clear line instead of a child's traceback."""
+    missing = []
+    for module in ("av", "diffusers", "torch"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        sys.exit(
+            f"missing Python modules: {', '.join(missing)} (run benchmarks/realworld_wheels.py "
+            "here, carry .whl_realworld and install it: see this script's docstring)"
+        )
+    import av
+    import diffusers
+
+    return {"av": av.__version__, "diffusers": diffusers.__version__}
 
 
 def parse() -> argparse.Namespace:
@@ -184,14 +242,17 @@ def parse() -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--dub-seconds", type=float, default=90.0)
     p.add_argument("--ab-dub-seconds", type=float, default=45.0)
-    p.add_argument("--budget-s", type=float, default=420.0, help="skip optional parts past this")
+    p.add_argument("--budget-s", type=float, default=450.0, help="the whole run ends by then")
     # child side
     p.add_argument("--child", default=None)
     p.add_argument("--compile", default="none")
     p.add_argument("--parts", default="")
     p.add_argument("--result", default=None)
     p.add_argument("--artefacts", default=None)
+    p.add_argument("--deadline", type=float, default=None)
     args = p.parse_args()
+    if args.deadline is None:
+        args.deadline = T_START + args.budget_s
     args.passthrough = [
         "--media", str(args.media), "--faces", str(args.faces), "--preset", args.preset,
         "--dtype", args.dtype, "--dub-seconds", str(args.dub_seconds),
@@ -209,6 +270,9 @@ def main() -> None:
         args.artefacts = os.environ.get("LIPSYNC_COMPILED_DIR")
         Path(args.result).write_text(json.dumps(child(args)))
         return
+    versions = preflight()
+    if not (args.media / "demo1_video.mp4").is_file():
+        sys.exit(f"no demo clip in {args.media} (run benchmarks/realworld_wheels.py, carry it)")
     args.out.mkdir(parents=True, exist_ok=True)
     logs = args.out / "logs"
     logs.mkdir(exist_ok=True)
@@ -217,7 +281,8 @@ def main() -> None:
     home.mkdir()
     env = {"LIPSYNC_HOME": str(home), "LIPSYNC_COMPILED_DIR": str(artefacts)}
     cold_cache = {"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor_cold")}
-    results: dict = {"machine": common.machine(), "args": args.passthrough, "parts": {}}
+    results: dict = {"machine": common.machine(), "versions": versions,
+                     "args": args.passthrough, "budget_s": args.budget_s, "parts": {}}  # fmt: skip
 
     def record(name, value):
         results["parts"][name] = value
@@ -226,27 +291,30 @@ def main() -> None:
         print(f"{name}: {json.dumps(value)[:400]}", flush=True)
 
     def left() -> float:
-        return args.budget_s - (time.time() - T_START)
+        return args.deadline - time.time()
 
-    # 1. cold compile + artefacts
+    # 1. eager cold start (no compile caches involved): process start -> first chunk out
+    end = args.deadline
+    record("eager", spawn(args, "run", "none", "", env, logs / "eager.log", end - 240))
+    # 2. cold compile + artefacts (stopped in time for part 3)
     record("warmup", spawn(args, "warmup", "regional", "", {**env, **cold_cache},
-                           logs / "warmup.log"))  # fmt: skip
+                           logs / "warmup.log", end - 150))  # fmt: skip
     for manifest in artefacts.glob("*.json"):
         (args.out / "artefact_manifest.json").write_text(manifest.read_text())
-    # 2. artefacts in a fresh process with empty caches: cold start, short vs long dub
+    # 3. the artefacts in a fresh process with empty caches: cold start, then the short clip and
+    # a long dub of it (as long as the time left allows, up to --dub-seconds)
     fresh = {"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor_fresh")}
-    record("auto", spawn(args, "run", "auto", "short,dub", {**env, **fresh}, logs / "auto.log"))
-    # 3. eager cold start
-    record("eager", spawn(args, "run", "none", "", env, logs / "eager.log"))
+    record("auto", spawn(args, "run", "auto", "short,dub", {**env, **fresh}, logs / "auto.log",
+                         end))  # fmt: skip
     # 4. optional: the long-dub reuse off (A/B), and a second process without artefacts
     if left() > 150:
         fresh2 = {"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor_fresh2")}
         record("auto_reuse_off", spawn(args, "run", "auto", "dub_reuse_off", {**env, **fresh2},
-                                       logs / "auto_reuse_off.log"))  # fmt: skip
-    if left() > 60:
+                                       logs / "auto_reuse_off.log", end))  # fmt: skip
+    if left() > 90:
         no_art = {**cold_cache, "LIPSYNC_COMPILED_DIR": str(work / "none")}
         record("regional_warm_cache", spawn(args, "run", "regional", "", {**env, **no_art},
-                                            logs / "regional_warm.log"))  # fmt: skip
+                                            logs / "regional_warm.log", end))  # fmt: skip
     results["done"] = True
     record("total", {"elapsed_s": round(time.time() - T_START, 1)})
 

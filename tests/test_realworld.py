@@ -18,7 +18,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from conftest import MEDIA
+from conftest import MEDIA, REPO
 from media_factory import make_audio, make_video, speechlike
 from test_pipeline import face_clip, lipsync_cli, small_demo_frames  # noqa: F401 - fixture
 
@@ -320,3 +320,74 @@ def test_encoder_reports_frames_as_it_finishes(tmp_path):
         writer.write(frames[i : i + 10])
     writer.close(on_frames=counts.append)
     assert sum(counts) == 30 and all(n > 0 for n in counts)
+
+
+CORE_ONLY = """
+import importlib.abc, importlib.machinery, json, sys
+blocked = set(json.loads(sys.argv[1]))
+
+class Installed(importlib.abc.MetaPathFinder):
+    # the path finder, blind to the extras' packages: to importers they are simply not there
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in blocked:
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+    def find_distributions(self, *args, **kwargs):  # package metadata stays visible
+        return importlib.machinery.PathFinder.find_distributions(*args, **kwargs)
+
+sys.meta_path = [Installed() if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+from lipsync.cli import main
+main(sys.argv[2:])
+"""
+
+
+def extras_only_modules() -> set[str]:
+    """Top-level modules of the packages only the extras bring (not needed by the core ones)."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def closure(names: list[str]) -> set[str]:
+        seen, todo = set(), [Requirement(n).name.lower().replace("_", "-") for n in names]
+        while todo:
+            name = todo.pop()
+            if name in seen or name == "lipsync":
+                continue
+            seen.add(name)
+            try:
+                requires = metadata.requires(name) or []
+            except metadata.PackageNotFoundError:
+                continue
+            for req in map(Requirement, requires):
+                if req.marker is None or req.marker.evaluate({"extra": ""}):
+                    todo.append(req.name.lower().replace("_", "-"))
+        return seen
+
+    core = closure(project["dependencies"])
+    extras = closure([r for reqs in project["optional-dependencies"].values() for r in reqs])
+    only = extras - core
+    modules = set()
+    for module, dists in metadata.packages_distributions().items():
+        if {d.lower().replace("_", "-") for d in dists} <= only:
+            modules.add(module)
+    return modules
+
+
+def test_the_core_install_runs_lipsync_run(tmp_path, small_demo_frames):  # noqa: F811
+    """`pip install .` without extras is enough for `lipsync run` (README: the lighter install):
+    a run with every extra-only package unimportable."""
+    blocked = extras_only_modules()
+    assert {"gradio", "fastapi", "procrastinate", "ray", "onnxruntime", "pytest"} <= blocked
+    video = face_clip(tmp_path / "v.mp4", small_demo_frames, 0.64)
+    audio = make_audio(tmp_path / "a.wav", seconds=0.64, signal=speechlike(0.64))
+    proc = subprocess.run(
+        [sys.executable, "-c", CORE_ONLY, json.dumps(sorted(blocked)), "run", str(video),
+         str(audio), "-o", str(tmp_path / "o.mp4"), *FAST, "--quiet", "--json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["frames"] == 16

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lipsync.config import LoadOptions
-from lipsync.constants import CompileMode
+from lipsync.constants import CompileOption
 from lipsync.errors import ConfigError
 from lipsync.loading import dtype_name, load_models
 from lipsync.pipeline import LipSyncPipeline, Progress, RunOptions, RunReport
@@ -55,7 +55,7 @@ class LipSync:
         dtype: str | torch.dtype | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         cpu_threads: int | None = None,
-        compile: CompileMode = "none",
+        compile: CompileOption = "none",
         fp8: bool = False,
         random_weights: bool = False,
     ) -> LipSync:
@@ -66,7 +66,8 @@ class LipSync:
         the CPU; on the CPU all cores but one, leaving one for the decoder and encoder
         threads). ``compile``: ``none``, ``regional`` or ``full``
         (:func:`lipsync.accel.compile.compile_unet`; pays off on CUDA after minutes of
-        compiling, docs/PERFORMANCE.md). ``fp8``: run the U-Net's big linear layers in FP8
+        compiling, docs/PERFORMANCE.md), or ``auto`` (compiled only from matching precompiled
+        artefacts, :mod:`lipsync.accel.precompiled`; else eager). ``fp8``: run the U-Net's big linear layers in FP8
         (:mod:`lipsync.accel.fp8`; CUDA with compute capability ≥ 8.9 and a bf16/fp16 model,
         else a ConfigError; approximate).
         """

@@ -195,3 +195,14 @@ def test_saved_artefacts_are_found_by_a_fresh_process(tmp_path):
     assert loaded["loaded"] >= 1
     assert loaded["fxgraph_cache_hit"] >= 1 and loaded["fxgraph_cache_miss"] == 0
     assert loaded["y"] == saved["y"]
+
+
+def test_workers_take_auto_from_their_settings():
+    """The job service's engine workers load like everyone else: LIPSYNC_COMPILE=auto reaches
+    their LoadOptions (the Triton server takes --compile auto the same way)."""
+    from lipsync.serving.settings import ServeSettings
+
+    settings = ServeSettings.from_env({"LIPSYNC_COMPILE": "auto"})
+    assert settings.load_options().compile == "auto"
+    with pytest.raises(ConfigError, match="LIPSYNC_COMPILE.*'auto'"):
+        ServeSettings.from_env({"LIPSYNC_COMPILE": "sometimes"})

@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -267,10 +268,11 @@ def run(
     """Lip-sync VIDEO to AUDIO and write the result to --output."""
     from lipsync.config import get_preset
     from lipsync.errors import ConfigError
-    from lipsync.media.validate import validate_inputs
+    from lipsync.media.validate import SilentAudioWarning, validate_inputs
 
     signal.signal(signal.SIGTERM, _raise_terminated)  # like Ctrl-C: no partial output is left
     _show_warnings()
+    warnings.simplefilter("ignore", SilentAudioWarning)  # logged: one warning: line already
     # paths, media and the output folder first: seconds before torch and the models are imported
     get_preset(preset)
     validate_inputs(video, audio, output, force=force, load_waveform=False)

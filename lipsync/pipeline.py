@@ -74,6 +74,7 @@ from lipsync.media import (
     VideoWriter,
     frames_for_audio,
     output_frame_indices,
+    silent_audio_message,
     validate_inputs,
 )
 from lipsync.media.color import rgb_to_yuv420
@@ -266,8 +267,8 @@ class LipSyncPipeline:
         )  # fmt: skip
         report = self._new_report(options)
         report.seconds["validate"] = time.perf_counter() - t
-        if inputs.audio_silent:
-            report.warnings.append("the audio is silent: the mouth will barely move")
+        if inputs.audio_silent:  # the line validate_inputs logged: shown once by the CLI
+            report.warnings.append(silent_audio_message(Path(audio_path), inputs.audio_peak))
         n_video = inputs.video.output_frames(FPS) or 0
         if n_video <= 0:
             raise VideoError(f"cannot count the frames of {inputs.video_path}")

@@ -391,3 +391,13 @@ def test_the_core_install_runs_lipsync_run(tmp_path, small_demo_frames):  # noqa
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["frames"] == 16
+
+
+def test_silent_audio_is_one_warning_line(tmp_path, small_demo_frames):  # noqa: F811
+    video = face_clip(tmp_path / "v.mp4", small_demo_frames, 0.64)
+    audio = make_audio(tmp_path / "silence.wav", signal=np.zeros(10240, np.float32))
+    proc = lipsync_cli("run", video, audio, "-o", tmp_path / "o.mp4", *FAST, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warned = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "silence.wav is silent" in warned[0], proc.stderr
+    assert "closed mouth" in warned[0] and "SilentAudioWarning" not in proc.stderr

@@ -52,6 +52,7 @@ _NAMES = {
     "ValidatedInputs": "validate",
     "check_complete": "validate",
     "check_output_path": "validate",
+    "silent_audio_message": "validate",
     "validate_inputs": "validate",
 }
 
@@ -87,6 +88,7 @@ __all__ = [
     "rescale_near",
     "scan_timeline",
     "select_video_encoder",
+    "silent_audio_message",
     "validate_inputs",
     "write_video",
 ]

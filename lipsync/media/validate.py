@@ -40,6 +40,7 @@ __all__ = [
     "ValidatedInputs",
     "check_complete",
     "check_output_path",
+    "silent_audio_message",
     "validate_inputs",
 ]
 
@@ -224,10 +225,7 @@ def validate_inputs(
         peak = float(np.max(np.abs(waveform))) if waveform.size else 0.0
         silent = peak <= 10.0 ** (silence_db / 20.0)
         if silent:
-            msg = (
-                f"audio in {apath} is silent (peak {_db(peak)} dBFS); the output will show a "
-                "closed mouth"
-            )
+            msg = silent_audio_message(apath, peak)
             log.warning(msg)
             warnings.warn(msg, SilentAudioWarning, stacklevel=2)
     elif adur_hdr is not None and adur_hdr <= 0:
@@ -244,6 +242,11 @@ def validate_inputs(
         audio_peak=peak,
         audio_silent=silent,
     )
+
+
+def silent_audio_message(path: str | os.PathLike, peak: float) -> str:
+    """The warning for silent audio (logged by :func:`validate_inputs`, kept in run reports)."""
+    return f"audio in {path} is silent (peak {_db(peak)} dBFS); the output will show a closed mouth"
 
 
 def _fmt_s(seconds: float) -> str:

@@ -136,6 +136,7 @@ def child(args) -> dict:
     result["t_loaded_s"] = round(time.time() - t0, 2)
     result["precompiled"] = models.precompiled.path.name if models.precompiled else None
     result["notes"] = list(models.notes)
+    save_partial(args, result)
     pipe = LipSyncPipeline(models)
     video, audio = str(args.media / "demo1_video.mp4"), str(args.media / "demo1_audio.wav")
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,6 +155,7 @@ def child(args) -> dict:
             first_run_compile=report.compile,
             first_run_warnings=report.warnings,
         )
+        save_partial(args, result)
         dev = models.device
         fps = result["first_run_fps"]
         if "short" in args.parts:

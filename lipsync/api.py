@@ -67,9 +67,9 @@ class LipSync:
         threads). ``compile``: ``none``, ``regional`` or ``full``
         (:func:`lipsync.accel.compile.compile_unet`; pays off on CUDA after minutes of
         compiling, docs/PERFORMANCE.md), or ``auto`` (compiled only from matching precompiled
-        artefacts, :mod:`lipsync.accel.precompiled`; else eager). ``fp8``: run the U-Net's big linear layers in FP8
-        (:mod:`lipsync.accel.fp8`; CUDA with compute capability ≥ 8.9 and a bf16/fp16 model,
-        else a ConfigError; approximate).
+        artefacts, :mod:`lipsync.accel.precompiled`; else eager). ``fp8``: run the U-Net's big
+        linear layers in FP8 (:mod:`lipsync.accel.fp8`; CUDA with compute capability ≥ 8.9 and
+        a bf16/fp16 model, else a ConfigError; approximate).
         """
         options = LoadOptions(
             preset=version, device=None if device is None else str(device),

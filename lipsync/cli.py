@@ -461,7 +461,7 @@ def presets(
             paths = {"bundle": str(bundle_dir(preset))}
             try:
                 require_bundle(preset)
-                status = "bundled with lipsync"
+                status = "bundle ready"
             except LipSyncError:
                 status = f"missing bundle: {paths['bundle']}"
         else:

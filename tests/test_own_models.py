@@ -178,6 +178,15 @@ def test_demo_preset_without_its_bundle_is_one_clear_error(tmp_path, clip, monke
     assert bundle_dir(get_preset("demo")) == shipped
 
 
+def test_presets_lists_the_demo_bundle_and_where_it_is(bundle, tmp_path, monkeypatch, capsys):
+    for folder, status in [(bundle, "bundle ready"), (tmp_path, f"missing bundle: {tmp_path}")]:
+        monkeypatch.setenv("LIPSYNC_DEMO_BUNDLE", str(folder))
+        code, stdout, _ = cli(capsys, "presets", "--json")
+        demo = {row["name"]: row for row in json.loads(stdout)}["demo"]
+        assert code == 0 and demo["checkpoints"] == status
+        assert demo["paths"] == {"bundle": str(folder)} and demo["resolution"] == 256
+
+
 def test_demo_preset_refuses_random_weights_and_other_presets_a_bundle_dir(bundle):
     with pytest.raises(ConfigError, match="--random-weights does not apply to the demo preset"):
         load_models(LoadOptions("demo", bundle_dir=bundle, random_weights=True))

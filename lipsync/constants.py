@@ -36,6 +36,8 @@ Mode = Literal["exact", "fast"]
 SchedulerName = Literal["ddim", "dpm++"]
 DetectorName = Literal["mediapipe"]  # InsightFace: see lipsync.face.detect
 TemporalAttentionKind = Literal["matmul", "sdpa"]
+EngineName = Literal["torch", "onnx"]  # PyTorch models, or an ONNX export on ONNX Runtime
+Provider = Literal["auto", "cpu", "cuda", "tensorrt"]  # ONNX Runtime execution provider
 
 DTYPES: tuple[DType, ...] = get_args(DType)
 COMPILE_MODES: tuple[CompileMode, ...] = get_args(CompileMode)
@@ -43,3 +45,5 @@ MODE_NAMES: tuple[Mode, ...] = get_args(Mode)
 SCHEDULERS: tuple[SchedulerName, ...] = get_args(SchedulerName)
 DETECTORS: tuple[DetectorName, ...] = get_args(DetectorName)
 TEMPORAL_ATTENTION_KINDS: tuple[TemporalAttentionKind, ...] = get_args(TemporalAttentionKind)
+ENGINES: tuple[EngineName, ...] = get_args(EngineName)
+PROVIDERS: tuple[Provider, ...] = get_args(Provider)

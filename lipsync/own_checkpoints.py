@@ -470,6 +470,60 @@ def unet_file_metadata(config: Mapping[str, Any], **extra: str) -> dict[str, str
     return {"format": UNET_FILE_FORMAT, "config": json.dumps(_jsonable(dict(config))), **extra}
 
 
+@dataclass(frozen=True)
+class OwnUNetInfo:
+    """What an own U-Net says about itself, read without its weights (:func:`own_unet_info`)."""
+
+    config: dict[str, Any]  # the U-Net config it was built with
+    resolution: int | None  # face size it was trained at, when recorded
+
+
+def own_unet_info(path: str | os.PathLike) -> OwnUNetInfo:
+    """The config and training resolution of an own U-Net (the forms :func:`load_own_unet`
+    reads), without loading weights. The resolution comes from a bundle's manifest, a file's
+    metadata (``resolution``), or the ``config.json`` of the training run the folder or file is
+    in (``model.resolution``); None when none of them records it."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointNotFoundError(f"U-Net checkpoint not found: {path}")
+    if path.is_dir() and is_bundle(path):
+        manifest = read_manifest(path)
+        return OwnUNetInfo(dict(manifest["unet"]["config"]), int(manifest["resolution"]))
+    if path.is_dir():
+        config_file = path / "unet_config.json"
+        if not config_file.is_file():
+            raise CheckpointError(
+                f"{path} is neither a bundle nor a U-Net checkpoint folder (needs "
+                "unet_config.json and unet.safetensors)"
+            )
+        return OwnUNetInfo(_read_json(config_file), _run_resolution(path))
+    meta = read_safetensors_metadata(path)
+    if meta.get("format") != UNET_FILE_FORMAT or "config" not in meta:
+        raise CheckpointError(
+            f"{path} does not say which U-Net it holds (no lipsync config in its metadata); "
+            "load it with the preset's config instead"
+        )
+    resolution = int(meta["resolution"]) if "resolution" in meta else _run_resolution(path.parent)
+    return OwnUNetInfo(json.loads(meta["config"]), resolution)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from e
+
+
+def _run_resolution(folder: Path) -> int | None:
+    """``model.resolution`` of the training run's ``config.json`` in ``folder``, if any."""
+    file = folder / "config.json"
+    if not file.is_file():
+        return None
+    model = _read_json(file).get("model")
+    resolution = model.get("resolution") if isinstance(model, dict) else None
+    return int(resolution) if resolution else None
+
+
 def load_own_unet(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",

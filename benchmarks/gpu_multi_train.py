@@ -32,35 +32,36 @@ the last one (wall clock, data loading included), scaling efficiency ``rate_N / 
 and its largest relative difference from N = 1, start-up seconds (launch to first step).
 
 Writes ``OUT/multi_train.json``, ``OUT/multi_train.png`` (when matplotlib is there) and
-``OUT/multi_train_logs.txt`` (the end of each launch's output); prints a compact table. Phases
-run in order syncnet, unet, fsdp; a launch that would not fit in what is left of ``--budget-s``
-is skipped (and says so); one that overruns its share is stopped and keeps what it logged.
+``OUT/multi_train_logs.txt`` (the end of each launch's output); prints a compact table. The pack
+is decoded once (``$LIPSYNC_PACK_CACHE``, memory-mapped by every process). Launch order, most
+telling first: syncnet and unet at 1 and at the most GPUs, fsdp at 1 and the most, then the
+counts in between; a launch that would not fit in what is left of ``--budget-s`` is skipped (and
+says so), one that overruns ``--cap-s`` is stopped and keeps what it logged.
 NVLink multicast stays off in every process (NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
-# Before torch is imported anywhere: NVLink multicast off here and in every child process.
+# NVLink multicast off in this process (set in main(), before torch is imported: every torch
+# import here is inside a function) and in every child (child_env).
 NO_MULTICAST = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-os.environ.update(NO_MULTICAST)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from datetime import datetime  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 for _p in (str(REPO), str(REPO / "benchmarks")):
@@ -296,8 +297,9 @@ def syncnet_argv(args, n: int, run: Path, cap_s: float) -> list[str]:
              "max_steps": args.syncnet_steps, "max_minutes": cap_s / 60, "log_every": 1,
              "checkpoint_every": 10**6, "val_every": 10**6}  # fmt: skip
     model = read_json_arg(args.syncnet_model) if args.syncnet_model else base["model"]
+    what = args.syncnet_model or (base["model"] if isinstance(base["model"], str) else "custom")
     config = {
-        "name": f"{base['name']} [multi-GPU benchmark]",
+        "name": f"multi-GPU benchmark SyncNet ({what}, random start)",
         "model": model,
         "data": {
             "root": f"pack:{args.pack}",
@@ -470,7 +472,12 @@ def fsdp_worker(args) -> None:
     )  # fmt: skip
     t0 = time.time()
     torch.manual_seed(0)
-    with dev:  # initialise on the device (fast, no host memory); build() moves everything there
+    try:
+        with dev:  # initialise on the device (fast, no host memory); build() moves it all there
+            unet, _, objective, _, sizes = stage2.build(ns, dev)
+    except RuntimeError as e:  # something that insists on host tensors: build on the CPU
+        print(f"rank {dist.rank}: building on {dev} failed ({e}); building on the CPU")
+        torch.manual_seed(0)
         unet, _, objective, _, sizes = stage2.build(ns, dev)
     model = wrap_model(unet, dist, "fsdp")
     trainable = [(k, p) for k, p in unet.named_parameters() if p.requires_grad]
@@ -539,33 +546,37 @@ def chart(report: dict[str, Any], path: Path) -> bool:
     runs = report["runs"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     ax = axes[0][0]
+    top = 1
     for phase in ("syncnet", "unet"):
-        pts = [(r["n"], r["samples_per_s"]) for r in runs
-               if r["phase"] == phase and r.get("samples_per_s")]  # fmt: skip
+        pts = [(r["n"], r["speedup"]) for r in runs if r["phase"] == phase and r.get("speedup")]
         if pts:
-            ns, rates = zip(*pts, strict=True)
-            ax.plot(ns, rates, "o-", label=f"{phase}")
-            base = next((rate for n, rate in pts if n == 1), None)
-            if base:
-                ax.plot(ns, [base * n for n in ns], ":", color="grey")
-    ax.set(xlabel="GPUs (processes)", ylabel="samples/s (dotted: linear)",
-           title="throughput at a fixed global batch")  # fmt: skip
+            ns, speedups = zip(*pts, strict=True)
+            ax.plot(ns, speedups, "o-", label=phase)
+            top = max(top, *ns)
+    ax.plot([1, top], [1, top], ":", color="grey", label="linear")
+    ax.set(xlabel="GPUs (processes)", ylabel="samples/s ÷ samples/s on 1",
+           title="speed-up at a fixed global batch")  # fmt: skip
     ax.legend()
     for ax, phase in ((axes[0][1], "syncnet"), (axes[1][0], "unet")):
         for r in runs:
             if r["phase"] == phase and r.get("loss"):
                 ax.plot(range(1, len(r["loss"]) + 1), r["loss"], label=f"N={r['n']}")
         ax.set(xlabel="step", ylabel="train loss", title=f"{phase}: same global batch")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     ax = axes[1][1]
     fsdp = [r for r in report["fsdp"] if r.get("torch_peak_gib_per_rank")]
     for k, r in enumerate(fsdp):
         values = r["torch_peak_gib_per_rank"]
         ax.bar([k + 0.8 * i / len(values) for i in range(len(values))], values,
-               width=0.8 / len(values), label=f"N={r['n']} ({r['strategy']})")  # fmt: skip
-    ax.set(ylabel="GiB", title="512 px stage 2: peak allocated per GPU")
+               width=0.8 / len(values), align="edge",
+               label=f"N={r['n']} ({r['strategy']})")  # fmt: skip
+    ax.set(ylabel="GiB (one bar per GPU)", title="512 px stage 2: peak allocated per GPU")
     if fsdp:
+        ax.set_xticks([])
         ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no CUDA memory measured", ha="center", transform=ax.transAxes)
     fig.suptitle(f"lipsync multi-GPU training, {report['machine']['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -586,6 +597,36 @@ def print_table(report: dict[str, Any]) -> None:
             f"{r.get('loss_max_rel_diff_vs_1', '-') if r['phase'] != 'fsdp' else '-':>10}  "
             f"{r['status']}"
         )
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """Derived numbers (loss difference from N = 1, speed-up, efficiency), runs in order, and the
+    JSON written atomically."""
+    runs = report["runs"]
+    runs.sort(key=lambda r: (r["phase"] != "syncnet", r["n"]))
+    report["fsdp"].sort(key=lambda r: r["n"])
+    for phase in ("syncnet", "unet"):
+        base = next((r for r in runs if r["phase"] == phase and r["n"] == 1), None)
+        for r in runs:
+            if r["phase"] == phase and base and r.get("loss") and base.get("loss"):
+                a = [{"step": i + 1, "loss": v} for i, v in enumerate(base["loss"])]
+                b = [{"step": i + 1, "loss": v} for i, v in enumerate(r["loss"])]
+                r["loss_max_rel_diff_vs_1"] = loss_difference(a, b)
+    add_efficiency(runs)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def launch_plan(phases: list[str], counts: list[int]) -> list[tuple[str, int]]:
+    """The launches, most telling first (the budget may cut the tail): each phase at 1 and at
+    the most GPUs, then FSDP at 1 and the most, then the counts in between."""
+    ends = sorted({counts[0], counts[-1]})
+    plan = [(p, n) for p in ("syncnet", "unet") if p in phases for n in ends]
+    if "fsdp" in phases:
+        plan += [("fsdp", n) for n in ends]
+    plan += [(p, n) for p in ("syncnet", "unet") if p in phases for n in counts if n not in ends]
+    return plan
 
 
 def gpu_name() -> str:
@@ -631,47 +672,39 @@ def orchestrate(args) -> None:
         "dev_shm_gib": round(shm / 2**30, 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if shm < 2 * 2**30 and (args.syncnet_workers or args.unet_workers):
+        # DataLoader workers pass batches through /dev/shm: too little of it crashes them
+        args.syncnet_workers = args.unet_workers = 0
+        machine["note"] = "/dev/shm under 2 GiB: DataLoader workers off"
     print(json.dumps(machine), flush=True)
     prepared = prepare(args)
     print(json.dumps(prepared), flush=True)
-    runs: list[dict[str, Any]] = []
-    for phase in ("syncnet", "unet"):
-        if phase not in phases:
-            continue
-        for n in counts:
-            r = measure_run(args, phase, n, budget_end)
-            runs.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "loss"}), flush=True)
-    for phase in ("syncnet", "unet"):
-        base = next((r for r in runs if r["phase"] == phase and r["n"] == 1), None)
-        for r in runs:
-            if r["phase"] == phase and base and r.get("loss") and base.get("loss"):
-                a = [{"step": i + 1, "loss": v} for i, v in enumerate(base["loss"])]
-                b = [{"step": i + 1, "loss": v} for i, v in enumerate(r["loss"])]
-                r["loss_max_rel_diff_vs_1"] = loss_difference(a, b)
-    add_efficiency(runs)
-    fsdp: list[dict[str, Any]] = []
-    if "fsdp" in phases:
-        for n in sorted({1, max(counts)}):
-            r = measure_fsdp(args, n, budget_end)
-            fsdp.append(r)
-            print(json.dumps(r), flush=True)
-    report = {
+    report: dict[str, Any] = {
         "what": "multi-GPU training: syncnet and unet (torchrun, DDP) at a fixed global batch; "
         "fsdp: 512 px stage-2 memory per GPU",
         "machine": machine,
         "prepared": prepared,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "runs": runs,
-        "fsdp": fsdp,
-        "wall_s": round(time.time() - started, 1),
+        "runs": [],
+        "fsdp": [],
     }
-    (out / "multi_train.json").write_text(json.dumps(report, indent=1) + "\n")
-    with open(out / "multi_train_logs.txt", "w") as f:
-        for r in runs + fsdp:
-            log = Path(r.get("log", ""))
-            if log.is_file():
-                f.write(f"===== {log.name}: {r['status']}\n{log.read_text()[-4000:]}\n")
+    logs = out / "multi_train_logs.txt"
+    logs.write_text("")
+    for phase, n in launch_plan(phases, counts):
+        if phase == "fsdp":
+            record = measure_fsdp(args, n, budget_end)
+            report["fsdp"].append(record)
+            print(json.dumps(record), flush=True)
+        else:
+            record = measure_run(args, phase, n, budget_end)
+            report["runs"].append(record)
+            print(json.dumps({k: v for k, v in record.items() if k != "loss"}), flush=True)
+        report["wall_s"] = round(time.time() - started, 1)
+        write_report(report, out / "multi_train.json")  # so far: a cut-off call keeps it
+        log = Path(record.get("log", ""))
+        if log.is_file():
+            with open(logs, "a") as f:
+                f.write(f"===== {log.name}: {record['status']}\n{log.read_text()[-4000:]}\n")
     drew = chart(report, out / "multi_train.png")
     print_table(report)
     print(f"wall {report['wall_s']} s; wrote {out / 'multi_train.json'}"
@@ -687,8 +720,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpus", default=None, help="process counts, e.g. 1,2,4 (default: all)")
     ap.add_argument("--cpu-procs", type=int, default=2, help="largest N with --device cpu")
     ap.add_argument("--phases", default="syncnet,unet,fsdp")
-    ap.add_argument("--budget-s", type=float, default=250.0, help="wall time for everything")
-    ap.add_argument("--cap-s", type=float, default=75.0, help="most seconds for one launch")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="wall time for everything")
+    ap.add_argument("--cap-s", type=float, default=60.0, help="most seconds for one launch")
     ap.add_argument("--min-launch-s", type=float, default=20.0)
     ap.add_argument("--startup-allowance-s", type=float, default=20.0)
     ap.add_argument("--smoke", action="store_true", help="tiny models and steps (CPU check)")
@@ -696,15 +729,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     default=str(REPO / "lipsync/configs/syncnet_synth_train.json"))  # fmt: skip
     ap.add_argument("--syncnet-model", default=None, help="SyncNet architecture override")
     ap.add_argument("--syncnet-batch", type=int, default=128)
-    ap.add_argument("--syncnet-steps", type=int, default=40)
+    ap.add_argument("--syncnet-steps", type=int, default=30)
     ap.add_argument("--syncnet-workers", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=10, help="syncnet steps left out of the rate")
+    ap.add_argument("--warmup", type=int, default=8, help="syncnet steps left out of the rate")
     ap.add_argument("--unet-config", default=DEMO_UNET)
     ap.add_argument("--vae-config", default=json.dumps(DEMO_VAE))
     ap.add_argument("--sync-syncnet-config", default="syncnet_small_config.json")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--unet-batch", type=int, default=16)
-    ap.add_argument("--unet-steps", type=int, default=20)
+    ap.add_argument("--unet-steps", type=int, default=16)
     ap.add_argument("--unet-workers", type=int, default=8)
     ap.add_argument("--unet-warmup", type=int, default=5)
     ap.add_argument("--fsdp-unet-config", default=None, help="default: 512 px stage 2")
@@ -731,6 +764,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
+    os.environ.update(NO_MULTICAST)
     args = parse_args()
     if args.worker == "fsdp":
         fsdp_worker(args)

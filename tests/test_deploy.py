@@ -816,6 +816,67 @@ def test_configmap_settings_are_ones_the_service_reads():
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}["grpc"] == int(port)
 
 
+# ---------------------------------------------------------------------------------------------
+# gpu-workers: one worker per GPU, no Triton
+# ---------------------------------------------------------------------------------------------
+
+GPU_WORKERS = K8S / "gpu-workers"
+TRITON_OBJECTS = {
+    (kind, "lipsync-triton")
+    for kind in ("Deployment", "Service", "PodDisruptionBudget", "ScaledObject")
+}
+
+
+def test_gpu_workers_overlay_is_base_with_inline_patches_only():
+    """Patches live inside kustomization.yaml: a partial object in its own file would fail the
+    strict schema checks every manifest file goes through."""
+    assert kustomization(GPU_WORKERS)["resources"] == ["../base"]
+    assert [p.name for p in GPU_WORKERS.iterdir()] == ["kustomization.yaml"]
+
+
+def test_gpu_workers_overlay_renders_one_gpu_worker_per_gpu_and_no_triton():
+    from lipsync.serving.settings import ServeSettings
+
+    rendered = _kubectl_kustomize("gpu-workers")
+    for obj in rendered:
+        if is_crd(obj):
+            jsonschema.validate(obj, CRD_SCHEMAS[obj["kind"]])
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    names = {(o["kind"], o["metadata"]["name"]) for o in rendered}
+    assert {(o["kind"], o["metadata"]["name"]) for o in BASE} - names == TRITON_OBJECTS
+    # the workers run the model themselves, on their own GPU
+    data = find("ConfigMap", "lipsync-config", rendered)["data"]
+    settings = ServeSettings.from_env({**data, "DATABASE_URL": "postgresql://x@db/lipsync"})
+    assert settings.runner == "engine" and settings.triton_url is None
+    worker = find("Deployment", "lipsync-worker", rendered)
+    spec = pod_spec(worker)
+    (c,) = spec["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    gpu_users = [w["metadata"]["name"] for w in workloads(rendered) for k in containers(w)
+                 if "nvidia.com/gpu" in k.get("resources", {}).get("limits", {})]  # fmt: skip
+    assert gpu_users == ["lipsync-worker"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    assert worker["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # no pod waits for a GPU
+    # checkpoints: the volume the download Job fills, read-only, where LIPSYNC_HOME points
+    mount = {m["mountPath"]: m for m in c["volumeMounts"]}[data["LIPSYNC_HOME"]]
+    assert mount["readOnly"] is True
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    assert volume["persistentVolumeClaim"]["claimName"] == "lipsync-models"
+    # the model loads before the probes answer: as long a start-up allowance as Triton's
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    assert float(data["LIPSYNC_SHUTDOWN_GRACE_S"]) + 30 <= spec["terminationGracePeriodSeconds"]
+    # replicas: one pod per queued-or-running job, 0 when idle, at most one per GPU
+    scaled = find("ScaledObject", "lipsync-worker", rendered)["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "lipsync-worker"
+    assert scaled["minReplicaCount"] == 0 == worker["spec"]["replicas"]
+    assert scaled["maxReplicaCount"] >= 1
+    (trigger,) = scaled["triggers"]
+    assert trigger["metadata"]["targetQueryValue"] == "1"
+
+
 def test_keda_scales_existing_deployments_and_triton_scales_to_zero():
     deployments = {d["metadata"]["name"] for d in of_kind("Deployment")}
     auths = {a["metadata"]["name"]: a for a in of_kind("TriggerAuthentication")}

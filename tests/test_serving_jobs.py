@@ -74,7 +74,12 @@ def test_twenty_concurrent_jobs_all_complete_with_valid_outputs(stack, serving_m
     print(f"20 jobs: submitted in {submitted:.1f} s, all done in {elapsed:.1f} s")
     assert [r["status"] for r in rows] == ["succeeded"] * 20, [r["error"] for r in rows]
     assert all(r["attempts"] == 1 and r["failures"] == 0 for r in rows)
-    workers = {e["worker"] for r in rows for e in r["history"] if e["event"] == "started"}
+    starts = [
+        (str(r["id"]), e["worker"]) for r in rows for e in r["history"] if e["event"] == "started"
+    ]
+    # two workers on one queue share it without duplicates: each job started exactly once
+    assert sorted(job for job, _ in starts) == sorted(str(i) for i in ids), starts
+    workers = {worker for _, worker in starts}
     assert len(workers) == 2, workers  # both workers took jobs
     with stack.client(key) as c:
         listed = c.get("/v1/jobs", params={"limit": 100}).json()["jobs"]

@@ -277,7 +277,9 @@ def test_weight_shards_stay_under_the_limit_with_their_headers(tmp_path):
 
     limit = 64 * 1024
     # many small tensors with long names: their header entries are a large share of the file
-    state = {f"block.{i:03d}.a_rather_long_parameter_name.weight": torch.ones(500) for i in range(90)}
+    state = {
+        f"block.{i:03d}.a_rather_long_parameter_name.weight": torch.ones(500) for i in range(90)
+    }
     names = save_weights(state, tmp_path, "w", dtype="fp32", metadata={"config": "x" * 2000},
                          max_shard_bytes=limit)  # fmt: skip
     sizes = [(tmp_path / n).stat().st_size for n in names]

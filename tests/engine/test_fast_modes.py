@@ -1,0 +1,366 @@
+"""Fast modes (issue #5): DeepCache step caching, guidance on early steps only, DPM-Solver++,
+the mode presets and their plumbing through `lipsync bench` / `lipsync run`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lipsync import LipSync
+from lipsync.diffusion import MODES, ChunkDenoiser, DenoiseOptions, initial_noise
+from lipsync.errors import ConfigError
+from lipsync.face.mask import make_mask
+from lipsync.loading import load_models
+from lipsync.models.unet import StepCache
+from lipsync.tools.bench import count_flops, make_unet_inputs
+from tests.support.cli import lipsync_cli
+from tests.support.media_factory import make_audio, speechlike
+from tests.support.shared import REPO, face_clip
+
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_models("tiny")
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(7)
+    faces = torch.rand(FRAMES, 3, 128, 128, generator=g) * 2 - 1
+    audio = torch.randn(FRAMES, 50, 384, generator=g)
+    return faces, audio
+
+
+@pytest.fixture(scope="module")
+def mask():
+    return torch.from_numpy(make_mask(128))
+
+
+def denoise(bundle, mask, faces, audio, seed=0, **opts):
+    den = ChunkDenoiser(bundle.unet, bundle.vae, mask, DenoiseOptions(**opts))
+    gen = torch.Generator().manual_seed(seed)
+    noise = initial_noise(FRAMES, 16, gen, torch.device("cpu"), torch.float32)
+    return den(faces, audio, noise, generator=gen)
+
+
+class UNetSpy:
+    """Records, per U-Net call, its batch size and whether the deep part (mid block) ran."""
+
+    def __init__(self, unet):
+        self.batches: list[int] = []
+        self.full: list[bool] = []
+        self._hooks = [
+            unet.register_forward_pre_hook(self._call),
+            unet.mid_block.register_forward_hook(self._mid),
+        ]
+
+    def _call(self, module, args):
+        self.batches.append(args[0].shape[0])
+        self.full.append(False)
+
+    def _mid(self, module, args, output):
+        self.full[-1] = True
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+
+
+@pytest.fixture
+def spy(bundle):
+    s = UNetSpy(bundle.unet)
+    yield s
+    s.close()
+
+
+# -- the U-Net's cache path -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("null_clips", [0, 1])
+def test_unet_cache_full_call_is_exact_and_cached_call_reproduces_it(bundle, null_clips):
+    # A full call that stores the feature computes exactly what a plain call does; a cached call
+    # on the same inputs must then reproduce it bit for bit, for every branch (the cut, the
+    # partial down block and the resumed decoder consume the right skips).
+    unet = bundle.unet
+    inp = make_unet_inputs(2, FRAMES, 16, "cpu", torch.float32, null_clips=null_clips)
+    args = (inp.sample, inp.timestep, inp.audio, inp.null_clips)
+    n = len(unet.down_blocks) * len(unet.up_blocks[0].resnets)
+    with torch.inference_mode():
+        plain = unet(*args)
+        for branch in range(n):
+            cache = StepCache(branch)
+            assert torch.equal(unet(*args, cache=cache), plain)
+            cache.refresh = False
+            assert torch.equal(unet(*args, cache=cache), plain), branch
+            assert (cache.full_calls, cache.cached_calls) == (1, 1)
+    with pytest.raises(ConfigError, match="cache branch"):
+        unet.cache_point(n)
+
+
+def test_cached_calls_are_much_cheaper(bundle):
+    unet = bundle.unet
+    inp = make_unet_inputs(2, FRAMES, 16, "cpu", torch.float32, null_clips=1)
+    with torch.inference_mode():
+        cache = StepCache(0)
+        full = count_flops(lambda: unet(inp.sample, inp.timestep, inp.audio, 1, cache=cache))
+        cache.refresh = False
+        cached = count_flops(lambda: unet(inp.sample, inp.timestep, inp.audio, 1, cache=cache))
+        cache1 = StepCache(1)
+        unet(inp.sample, inp.timestep, inp.audio, 1, cache=cache1)
+        cache1.refresh = False
+        cached1 = count_flops(lambda: unet(inp.sample, inp.timestep, inp.audio, 1, cache=cache1))
+    print(f"cached / full FLOPs: branch 0 {cached / full:.3f}, branch 1 {cached1 / full:.3f}")
+    assert cached < 0.15 * full  # branch 0: conv_in, the last up layer, conv_out
+    assert cached < cached1 < full
+
+
+# -- DeepCache in the denoiser ----------------------------------------------------------------
+
+
+def test_cache_interval_one_is_exact(bundle, mask, inputs):
+    exact = denoise(bundle, mask, *inputs, steps=4)
+    assert torch.equal(denoise(bundle, mask, *inputs, steps=4, cache_interval=1), exact)
+
+
+def test_cache_interval_three_runs_the_full_unet_on_every_third_step(bundle, mask, inputs, spy):
+    steps = 7
+    exact = denoise(bundle, mask, *inputs, steps=steps)
+    other_seed = denoise(bundle, mask, *inputs, seed=1, steps=steps)
+    spy.full.clear()
+    spy.batches.clear()
+    cached = denoise(bundle, mask, *inputs, steps=steps, cache_interval=3)
+    assert [i for i, full in enumerate(spy.full) if full] == [0, 3, 6]
+    assert len(spy.full) == steps and spy.batches == [2] * steps  # CFG batch throughout
+    generated = ~mask.bool()
+    err = (cached - exact)[:, :, generated].abs().mean()
+    scale = (other_seed - exact)[:, :, generated].abs().mean()
+    print(f"mean abs error of cache_interval=3: {err:.4f} (another seed: {scale:.4f})")
+    assert 0 < err < 0.1 * scale
+
+
+# -- guidance on early steps only -------------------------------------------------------------
+
+
+def test_guidance_on_all_steps_is_exact(bundle, mask, inputs):
+    exact = denoise(bundle, mask, *inputs, steps=4)
+    assert torch.equal(denoise(bundle, mask, *inputs, steps=4, guidance_steps=1.0), exact)
+
+
+def test_guidance_on_half_the_steps_halves_the_late_batches(bundle, mask, inputs, spy):
+    exact = denoise(bundle, mask, *inputs, steps=4)
+    spy.batches.clear()
+    early = denoise(bundle, mask, *inputs, steps=4, guidance_steps=0.5)
+    assert spy.batches == [2, 2, 1, 1]
+    assert (early - exact).abs().max() > 0
+    opts = DenoiseOptions(steps=5, guidance_steps=0.5)
+    assert opts.guided_steps() == 3  # ceil: a positive share guides at least one step
+    assert DenoiseOptions(steps=5, guidance=1.0).guided_steps() == 0
+    assert DenoiseOptions(steps=5, guidance_steps=0.0).plan() == [(False, True)] * 5
+
+
+def test_fast_mode_batches_of_chunks_equal_chunks_alone(bundle, mask, inputs, spy):
+    # DeepCache + early guidance + a batch of 2 chunks: the cached feature of the guided steps
+    # (4 clips) keeps the 2 conditional clips for the unguided steps; batching changes nothing.
+    faces, audio = inputs
+    opts = DenoiseOptions.for_mode("fast", steps=6)
+    den = ChunkDenoiser(bundle.unet, bundle.vae, mask, opts)
+    noise = initial_noise(FRAMES, 16, torch.Generator().manual_seed(5), torch.device("cpu"),
+                          torch.float32)  # fmt: skip
+
+    def gens():
+        return [torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)]
+
+    other = faces.flip(0)
+    spy.batches.clear()
+    spy.full.clear()
+    batched = den(torch.stack([faces, other]), torch.stack([audio, audio * 0.5]), noise, gens())
+    assert spy.batches == [4, 4, 4, 2, 2, 2]
+    assert spy.full == [True, False, False, True, False, False]
+    g1, g2 = gens()
+    alone = torch.stack([den(faces, audio, noise, g1), den(other, audio * 0.5, noise, g2)])
+    torch.testing.assert_close(batched, alone, atol=2e-5, rtol=0)
+
+
+def test_unguided_cached_step_uses_the_conditional_rows(bundle):
+    # A guided full call caches [unconditional, conditional] rows; an unguided cached call on
+    # the conditional rows alone equals the conditional half of a guided cached call.
+    unet = bundle.unet
+    inp = make_unet_inputs(2, FRAMES, 16, "cpu", torch.float32, null_clips=1)
+    with torch.inference_mode():
+        cache = StepCache(0)
+        unet(inp.sample, inp.timestep, inp.audio, 1, cache=cache)
+        cache.refresh = False
+        guided = unet(inp.sample, inp.timestep, inp.audio, 1, cache=cache)
+        cache.keep_rows(1, 2)
+        cond = unet(inp.sample[1:], inp.timestep, inp.audio, 0, cache=cache)
+        with pytest.raises(ValueError, match="does not fit"):
+            unet(inp.sample, inp.timestep, inp.audio, 1, cache=cache)
+    torch.testing.assert_close(cond, guided[1:], atol=1e-5, rtol=0)
+    assert (cond - guided[:1]).abs().max() > 1e-3
+
+
+def test_denoiser_keeps_the_conditional_rows_when_guidance_stops(bundle, mask, inputs, monkeypatch):
+    calls = []
+    original = StepCache.keep_rows
+
+    def keep_rows(self, start, stop):
+        calls.append((start, stop, self.feature.shape[0]))
+        original(self, start, stop)
+
+    monkeypatch.setattr(StepCache, "keep_rows", keep_rows)
+    faces, audio = inputs
+    den = ChunkDenoiser(bundle.unet, bundle.vae, mask, DenoiseOptions.for_mode("fast", steps=5))
+    noise = initial_noise(FRAMES, 16, torch.Generator().manual_seed(5), torch.device("cpu"),
+                          torch.float32)  # fmt: skip
+    # 5 steps: guided 0-2, full at 0 and 3: step 3 (unguided) refreshes, nothing to keep
+    den(torch.stack([faces, faces]), torch.stack([audio, audio]), noise)
+    assert calls == []
+    den.options = DenoiseOptions.for_mode("fast", steps=4)  # guided 0-1, full at 0 and 3
+    den(torch.stack([faces, faces]), torch.stack([audio, audio]), noise)
+    assert calls == [(2, 4, 4)]  # step 2: the conditional half of the 2 x 2 clips
+
+
+# -- DPM-Solver++ -------------------------------------------------------------------------------
+
+
+def test_dpm_solver_with_the_fast_paths(bundle, mask, inputs, spy):
+    exact = denoise(bundle, mask, *inputs, steps=5, scheduler="dpm++")
+    spy.batches.clear()
+    fast = denoise(bundle, mask, *inputs, **{**MODES["fast"], "steps": 5, "scheduler": "dpm++"})
+    assert spy.batches == [2, 2, 2, 1, 1]
+    assert torch.isfinite(fast).all()
+    err = (fast - exact).abs().mean()
+    assert 0 < err < 0.05
+    ddim = denoise(bundle, mask, *inputs, steps=5)
+    assert (exact - ddim).abs().max() > 1e-3  # really another sampler
+
+
+# -- options, presets, validation -----------------------------------------------------------
+
+
+def test_mode_presets_and_overrides():
+    assert DenoiseOptions.for_mode("exact") == DenoiseOptions()
+    assert DenoiseOptions().exact and not DenoiseOptions.for_mode("fast").exact
+    fast = DenoiseOptions.for_mode("fast", steps=10, cache_interval=None)
+    assert (fast.cache_interval, fast.cache_branch, fast.guidance_steps) == (3, 0, 0.5)
+    assert fast.steps == 10
+    assert DenoiseOptions.for_mode("fast", cache_interval=2).cache_interval == 2
+    plan = DenoiseOptions.for_mode("fast", steps=20).plan()
+    assert [i for i, (_, full) in enumerate(plan) if full] == [0, 3, 6, 9, 12, 15, 18]
+    assert sum(guided for guided, _ in plan) == 10
+    for bad in (
+        {"cache_interval": 0},
+        {"cache_branch": -1},
+        {"guidance_steps": 1.5},
+        {"scheduler": "euler"},
+    ):
+        with pytest.raises(ConfigError):
+            DenoiseOptions(**bad).validate()
+    with pytest.raises(ConfigError, match="unknown mode"):
+        DenoiseOptions.for_mode("turbo")
+
+
+def test_denoiser_rejects_a_branch_the_unet_lacks(bundle, mask):
+    with pytest.raises(ConfigError, match="cache branch"):
+        ChunkDenoiser(bundle.unet, bundle.vae, mask, DenoiseOptions(cache_interval=2,
+                                                                    cache_branch=99))  # fmt: skip
+
+
+def test_run_options_resolve_the_mode():
+    from lipsync.pipeline import RunOptions
+
+    opts = RunOptions(mode="fast", steps=12, cache_interval=2).denoise_options()
+    assert (opts.steps, opts.cache_interval, opts.guidance_steps) == (12, 2, 0.5)
+    with pytest.raises(ConfigError):
+        RunOptions(mode="nope").validate()
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def test_bench_fast_mode_reports_its_options(tmp_path):
+    proc = lipsync_cli("bench", "--preset", "tiny", "--frames", "4", "--steps", "6", "--chunks",
+                       "1", "--mode", "fast", "--json", timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["mode"] == "fast" and report["exact"] is False
+    assert report["denoise"]["cache_interval"] == 3 and report["denoise"]["guidance_steps"] == 0.5
+    assert report["unet_calls_per_chunk"] == {
+        "guided_full": 1, "guided_cached": 2, "conditional_full": 1, "conditional_cached": 2,
+    }  # fmt: skip
+    assert 0.2 < report["unet_flop_share_of_exact"] < 0.45
+    assert report["unet_loop_fps"] > 0
+
+
+def test_fp8_flag_is_refused_without_a_capable_gpu(tmp_path):
+    proc = lipsync_cli("bench", "--preset", "tiny", "--fp8", "--device", "cpu", timeout=300)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "FP8" in lines[0], proc.stderr[-800:]
+
+
+@pytest.fixture(scope="module")
+def face_frames(small_demo_frames):
+    """16 frames of the demo's face, 320x320."""
+    return small_demo_frames[:16]
+
+
+def test_run_fast_mode_on_a_short_clip(tmp_path, face_frames):
+    video = face_clip(tmp_path / "v.mp4", face_frames, 0.64)
+    audio = make_audio(tmp_path / "a.wav", seconds=0.64, signal=speechlike(0.64))
+    out = tmp_path / "o.mp4"
+    proc = lipsync_cli("run", video, audio, "-o", out, "--preset", "tiny", "--steps", "4",
+                       "--quiet", "--mode", "fast", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["mode"] == "fast" and report["fp8"] is False
+    assert report["denoise"]["cache_interval"] == 3 and report["denoise"]["steps"] == 4
+    assert report["frames"] == 16 and report["frames_with_face"] == 16 and out.exists()
+
+
+def test_api_modes_differ_little_and_report_their_options(face_frames):
+    ls = LipSync.from_pretrained("tiny", device="cpu")
+    frames, wav = face_frames, speechlike(0.64)
+    exact, r_exact = ls.run_arrays(frames, wav, steps=4, seed=5)
+    fast, r_fast = ls.run_arrays(frames, wav, steps=4, seed=5, mode="fast", cache_interval=2)
+    other, _ = ls.run_arrays(frames, wav, steps=4, seed=6)
+    assert r_exact.mode == "exact" and r_exact.denoise["cache_interval"] == 1
+    assert r_fast.mode == "fast" and r_fast.denoise["cache_interval"] == 2
+    changed = np.abs(exact.astype(int) - frames.astype(int)).max(-1) > 0  # the mouth region
+    err = np.abs(fast.astype(int) - exact.astype(int))[changed].mean()
+    seed_err = np.abs(other.astype(int) - exact.astype(int))[changed].mean()
+    print(f"mean abs difference in the changed pixels: fast {err:.2f}, another seed {seed_err:.2f}")
+    assert 0 < err < 0.5 * seed_err
+
+
+def test_quality_script_on_the_demo_clip(tmp_path):
+    out = tmp_path / "q.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "quality_modes.py"), "--preset", "tiny",
+         "--source", "demo", "--frames", "4", "--steps", "2", "--dtypes", "fp32,bf16",
+         "--mode-dtype", "bf16", "--modes", "fast,dpm2", "--face-cache", str(tmp_path / "faces"),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report == json.loads(proc.stdout)
+    assert report["weights"] == "random" and "random weights" in report["caveat"]
+    assert report["reference"]["name"] == "exact-fp32-eager"
+    variants = {v["name"]: v for v in report["variants"]}
+    assert list(variants) == ["exact-fp32", "exact-bf16", "fast-bf16", "dpm2-bf16"]
+    # same seed, same dtype, same path: the reference reproduces itself exactly
+    assert variants["exact-fp32"]["vs_reference"]["psnr_db"] == float("inf")
+    assert variants["exact-fp32"]["vs_reference"]["ssim"] == 1.0
+    fast = variants["fast-bf16"]
+    assert fast["denoise"]["cache_interval"] == 3 and "vs_exact_same_dtype" in fast
+    for v in variants.values():
+        assert v["unet_loop_fps"] > 0
+        assert 0 < v["vs_reference"]["ssim"] <= 1 and v["vs_reference"]["psnr_db"] > 15
+    assert list((tmp_path / "faces").glob("*.npz"))  # the face track was stored for next time

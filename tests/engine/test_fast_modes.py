@@ -1,26 +1,18 @@
 """Fast modes (issue #5): DeepCache step caching, guidance on early steps only, DPM-Solver++,
-the mode presets and their plumbing through `lipsync bench` / `lipsync run`."""
+the mode presets and options (through `lipsync bench` / `lipsync run`: tests/tools/test_bench.py,
+tests/pipeline/test_modes.py)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 import torch
 
-from lipsync import LipSync
 from lipsync.diffusion import MODES, ChunkDenoiser, DenoiseOptions, initial_noise
 from lipsync.errors import ConfigError
 from lipsync.face.mask import make_mask
 from lipsync.loading import load_models
 from lipsync.models.unet import StepCache
 from lipsync.tools.bench import count_flops, make_unet_inputs
-from tests.support.cli import lipsync_cli
-from tests.support.media_factory import make_audio, speechlike
-from tests.support.shared import REPO, face_clip
 
 FRAMES = 4
 
@@ -283,84 +275,3 @@ def test_run_options_resolve_the_mode():
 
 
 # -- CLI -----------------------------------------------------------------------------------------
-
-
-def test_bench_fast_mode_reports_its_options(tmp_path):
-    proc = lipsync_cli("bench", "--preset", "tiny", "--frames", "4", "--steps", "6", "--chunks",
-                       "1", "--mode", "fast", "--json", timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
-    assert report["mode"] == "fast" and report["exact"] is False
-    assert report["denoise"]["cache_interval"] == 3 and report["denoise"]["guidance_steps"] == 0.5
-    assert report["unet_calls_per_chunk"] == {
-        "guided_full": 1, "guided_cached": 2, "conditional_full": 1, "conditional_cached": 2,
-    }  # fmt: skip
-    assert 0.2 < report["unet_flop_share_of_exact"] < 0.45
-    assert report["unet_loop_fps"] > 0
-
-
-def test_fp8_flag_is_refused_without_a_capable_gpu(tmp_path):
-    proc = lipsync_cli("bench", "--preset", "tiny", "--fp8", "--device", "cpu", timeout=300)
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-    assert proc.returncode == 2 and len(lines) == 1 and "FP8" in lines[0], proc.stderr[-800:]
-
-
-@pytest.fixture(scope="module")
-def face_frames(small_demo_frames):
-    """16 frames of the demo's face, 320x320."""
-    return small_demo_frames[:16]
-
-
-def test_run_fast_mode_on_a_short_clip(tmp_path, face_frames):
-    video = face_clip(tmp_path / "v.mp4", face_frames, 0.64)
-    audio = make_audio(tmp_path / "a.wav", seconds=0.64, signal=speechlike(0.64))
-    out = tmp_path / "o.mp4"
-    proc = lipsync_cli("run", video, audio, "-o", out, "--preset", "tiny", "--steps", "4",
-                       "--quiet", "--mode", "fast", "--json")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
-    assert report["mode"] == "fast" and report["fp8"] is False
-    assert report["denoise"]["cache_interval"] == 3 and report["denoise"]["steps"] == 4
-    assert report["frames"] == 16 and report["frames_with_face"] == 16 and out.exists()
-
-
-def test_api_modes_differ_little_and_report_their_options(face_frames):
-    ls = LipSync.from_pretrained("tiny", device="cpu")
-    frames, wav = face_frames, speechlike(0.64)
-    exact, r_exact = ls.run_arrays(frames, wav, steps=4, seed=5)
-    fast, r_fast = ls.run_arrays(frames, wav, steps=4, seed=5, mode="fast", cache_interval=2)
-    other, _ = ls.run_arrays(frames, wav, steps=4, seed=6)
-    assert r_exact.mode == "exact" and r_exact.denoise["cache_interval"] == 1
-    assert r_fast.mode == "fast" and r_fast.denoise["cache_interval"] == 2
-    changed = np.abs(exact.astype(int) - frames.astype(int)).max(-1) > 0  # the mouth region
-    err = np.abs(fast.astype(int) - exact.astype(int))[changed].mean()
-    seed_err = np.abs(other.astype(int) - exact.astype(int))[changed].mean()
-    print(f"mean abs difference in the changed pixels: fast {err:.2f}, another seed {seed_err:.2f}")
-    assert 0 < err < 0.5 * seed_err
-
-
-def test_quality_script_on_the_demo_clip(tmp_path):
-    out = tmp_path / "q.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "quality_modes.py"), "--preset", "tiny",
-         "--source", "demo", "--frames", "4", "--steps", "2", "--dtypes", "fp32,bf16",
-         "--mode-dtype", "bf16", "--modes", "fast,dpm2", "--face-cache", str(tmp_path / "faces"),
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report == json.loads(proc.stdout)
-    assert report["weights"] == "random" and "random weights" in report["caveat"]
-    assert report["reference"]["name"] == "exact-fp32-eager"
-    variants = {v["name"]: v for v in report["variants"]}
-    assert list(variants) == ["exact-fp32", "exact-bf16", "fast-bf16", "dpm2-bf16"]
-    # same seed, same dtype, same path: the reference reproduces itself exactly
-    assert variants["exact-fp32"]["vs_reference"]["psnr_db"] == float("inf")
-    assert variants["exact-fp32"]["vs_reference"]["ssim"] == 1.0
-    fast = variants["fast-bf16"]
-    assert fast["denoise"]["cache_interval"] == 3 and "vs_exact_same_dtype" in fast
-    for v in variants.values():
-        assert v["unet_loop_fps"] > 0
-        assert 0 < v["vs_reference"]["ssim"] <= 1 and v["vs_reference"]["psnr_db"] > 15
-    assert list((tmp_path / "faces").glob("*.npz"))  # the face track was stored for next time

@@ -4,17 +4,23 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import lipsync.accel.fp8 as fp8_module
 import lipsync.loading as loading
 from lipsync.accel.compile import REGIONS
-from lipsync.config import LoadOptions
+from lipsync.config import LoadOptions, Preset
 from lipsync.errors import ConfigError
+from lipsync.loading import load_models, parse_dtype
+from lipsync.models.vae import random_vae
 from lipsync.serving.settings import ServeSettings
 from lipsync.serving.worker import make_runner
+from tests.support.model_files import write_vae_folder
+from tests.support.shared import REFERENCE
 
 
 def compiled(module: torch.nn.Module) -> bool:
@@ -69,3 +75,33 @@ def test_worker_engine_runner_converts_to_fp8(monkeypatch):
     linears = [m for m in runner.models.unet.modules() if isinstance(m, fp8_module.FP8Linear)]
     assert len(linears) > 10 and runner.models.fp8 and runner.pipeline.engine.fp8
     assert not make_runner(settings.model_copy(update={"fp8": False})).models.fp8
+
+
+def test_parse_dtype():
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("FP16") is torch.float16
+    with pytest.raises(ConfigError):
+        parse_dtype("int4")
+
+
+def test_load_models_reads_a_downloaded_cache_layout(tmp_path):
+    # A preset whose files are laid out exactly as `lipsync download` leaves them.
+    preset = Preset(
+        name="vtest",
+        resolution=128,
+        unet_config_file="unet_tiny_config.json",
+        hf_repo="ByteDance/LatentSync-test",
+    )
+    base = tmp_path / "vtest"
+    (base / "whisper").mkdir(parents=True)
+
+    torch.save(
+        {"state_dict": load_file(str(REFERENCE / "unet_tiny/weights.safetensors"))},
+        base / "latentsync_unet.pt",
+    )
+    shutil.copy(REFERENCE / "whisper_tiny/encoder_random.pt", base / "whisper/tiny.pt")
+    vae_state = {k: v.contiguous() for k, v in random_vae().autoencoder.state_dict().items()}
+    write_vae_folder(tmp_path / "sd-vae-ft-mse", vae_state)
+    bundle = load_models(preset, checkpoint_dir=tmp_path, dtype="bf16")
+    assert bundle.unet.dtype == torch.bfloat16
+    assert bundle.vae.dtype == torch.bfloat16
+    assert bundle.audio.dims.n_audio_state == 384

@@ -7,8 +7,8 @@ The whole 240-frame demo run (exact, 20 steps) and the 6-step fast run were chec
 hashes recorded on the same commit (docs/NOTES.md, "Bit-exact refactors").
 
 If a change is *meant* to change the output, re-record: run this file with
-``LIPSYNC_GOLDEN_PRINT=1 pytest tests/pipeline/test_golden_output.py -s`` and update the constants in the
-same commit, saying why.
+``LIPSYNC_GOLDEN_PRINT=1 pytest tests/pipeline/test_golden_output.py -s`` and update the constants
+in the same commit, saying why.
 """
 
 from __future__ import annotations

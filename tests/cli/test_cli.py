@@ -18,7 +18,6 @@ def test_cli_check_tiny_json():
 
 
 def test_cli_user_errors_are_one_line(tmp_path):
-
     env = dict(os.environ, LIPSYNC_HOME=str(tmp_path))
     for args, text in [
         (("check", "--preset", "v9"), "error: unknown preset 'v9'"),

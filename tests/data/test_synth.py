@@ -45,6 +45,7 @@ from lipsync.data.synth.tts import (
 )
 from lipsync.data.synth.visemes import viseme_track
 from lipsync.errors import ConfigError
+from tests.support.cli import lipsync_main
 from tests.support.shared import MEDIA, REPO
 
 DEMO = MEDIA / "demo1_video.mp4"
@@ -398,14 +399,8 @@ def test_killed_run_resumes_to_the_same_clips_with_one_worker(corpus, tmp_path):
         run_synth(SynthOptions(out=again, base=(DEMO,), workers=1, **{**OPTIONS, "seed": 6}))
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "lipsync.cli", "data", "synth", str(tmp_path / "x"), "--clips", "0"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    run = lipsync_main(capsys, "data", "synth", tmp_path / "x", "--clips", "0")
     assert run.returncode == 2 and "error:" in run.stderr and "--clips" in run.stderr
 
 

@@ -23,6 +23,7 @@ from lipsync.audio import load_audio
 from lipsync.data.toy_sync import SAMPLES_PER_FRAME, toy_clip
 from lipsync.errors import MediaError, NoFaceError
 from lipsync.eval.sync import SyncScorer, score_video
+from tests.support.cli import CliResult, lipsync_main
 from tests.support.media_factory import make_audio, make_text_file, make_video, truncate_copy
 from tests.support.shared import FIXTURES, MEDIA, REPO
 
@@ -98,7 +99,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
+def one_error_line(proc: subprocess.CompletedProcess | CliResult) -> str:
     """Exit code 2 and one ``error:`` line, the last on stderr, no traceback. (MediaPipe's
     native code may log its own start-up lines to stderr before it.)"""
     assert proc.returncode == 2, proc.stderr
@@ -140,18 +141,19 @@ def test_offset_search_finds_a_3_frame_shift_on_a_real_clip(tmp_path):
     check_finds_shift(scorer, faces.lower, load_audio(video), usable=faces.usable)
 
 
-def test_corrupt_and_faceless_input_give_one_error_line(tmp_path):
+def test_corrupt_and_faceless_input_give_one_error_line(tmp_path, capsys):
+    def sync(*args):  # `lipsync eval sync` in this process: each ends before any heavy work
+        return lipsync_main(capsys, "eval", "sync", *args)
+
     text = make_text_file(tmp_path / "notes.mp4")
-    assert "error:" in one_error_line(run_cli("sync", str(text), "--syncnet", str(TOY_SYNCNET)))
+    assert "error:" in one_error_line(sync(text, "--syncnet", TOY_SYNCNET))
     broken = truncate_copy(MEDIA / "demo1_video.mp4", tmp_path / "broken.mp4", keep=0.3)
-    one_error_line(run_cli("sync", str(broken), "--syncnet", str(TOY_SYNCNET)))
+    one_error_line(sync(broken, "--syncnet", TOY_SYNCNET))
     faceless = make_video(tmp_path / "faceless.mp4", seconds=2.0, size=(96, 96), audio=True)
-    line = one_error_line(run_cli("sync", str(faceless), "--syncnet", str(TOY_SYNCNET)))
-    assert "no face" in line
+    assert "no face" in one_error_line(sync(faceless, "--syncnet", TOY_SYNCNET))
     no_audio = make_video(tmp_path / "silent_track.mp4", seconds=2.0, size=(96, 96))
-    assert "audio" in one_error_line(run_cli("sync", str(no_audio), "--syncnet", str(TOY_SYNCNET)))
-    missing = one_error_line(run_cli("sync", str(faceless), "--syncnet", str(tmp_path / "x.pt")))
-    assert "not found" in missing
+    assert "audio" in one_error_line(sync(no_audio, "--syncnet", TOY_SYNCNET))
+    assert "not found" in one_error_line(sync(faceless, "--syncnet", tmp_path / "x.pt"))
 
 
 def test_score_video_tracks_the_real_demo_face(toy_scorer):

@@ -22,7 +22,7 @@ import torch
 from lipsync.audio import load_audio
 from lipsync.errors import NoFaceError
 from lipsync.media import read_frames
-from tests.support.cli import lipsync_cli
+from tests.support.cli import lipsync_cli, lipsync_main
 from tests.support.media_factory import make_audio, make_video, speechlike
 from tests.support.shared import DEMO_AUDIO, DEMO_VIDEO, face_clip
 
@@ -156,23 +156,23 @@ def test_json_report_fields(tmp_path, small_demo_frames):
     assert report["preset"] == "tiny" and report["seed"] == 1247 and report["fps"] > 0
 
 
-def test_refuses_existing_output_and_input_as_output(tmp_path, small_demo_frames):
+def test_refuses_existing_output_and_input_as_output(tmp_path, small_demo_frames, capsys):
     video = face_clip(tmp_path / "v.mp4", small_demo_frames, 0.4)
     audio = make_audio(tmp_path / "a.wav", seconds=0.4)
     existing = tmp_path / "exists.mp4"
     existing.write_bytes(b"keep me")
     for out, text in [(existing, "exists"), (video, "input")]:
-        proc = lipsync_cli("run", video, audio, "-o", out, *FAST)
+        proc = lipsync_main(capsys, "run", video, audio, "-o", out, *FAST)
         lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
         assert proc.returncode == 2 and len(lines) == 1 and text in lines[0], proc.stderr[-800:]
     assert existing.read_bytes() == b"keep me"
 
 
-def test_video_without_face_fails_before_heavy_work(tmp_path):
+def test_video_without_face_fails_before_heavy_work(tmp_path, capsys):
     video = make_video(tmp_path / "noface.mp4", seconds=1.0, size=(160, 120))
     audio = make_audio(tmp_path / "a.wav", seconds=1.0)
     out = tmp_path / "o.mp4"
-    proc = lipsync_cli("run", video, audio, "-o", out, *FAST)
+    proc = lipsync_main(capsys, "run", video, audio, "-o", out, *FAST)
     assert proc.returncode == 2
     assert "no usable face" in proc.stderr or "no face" in proc.stderr
     assert not out.exists()

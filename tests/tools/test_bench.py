@@ -14,12 +14,12 @@ import torch
 from lipsync.config import LoadOptions
 from lipsync.media import read_frames
 from lipsync.pipeline import RunOptions
-from tests.support.cli import lipsync_cli
+from tests.support.cli import lipsync_cli, lipsync_main
 from tests.support.media_factory import make_audio, make_video, speechlike
 from tests.support.shared import MEDIA
 
 
-def test_cli_bench_smoke_on_cpu():
+def test_cli_bench_smoke_on_cpu(capsys):
     proc = lipsync_cli("bench", "--preset", "tiny", "--steps", "2", "--chunks", "1", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
@@ -27,7 +27,7 @@ def test_cli_bench_smoke_on_cpu():
     assert all(v > 0 for v in report["ms_per_frame"].values())
     assert report["model_fps"] > 0 and report["unet_gflop_per_call"] > 1.0
     assert report["gpu_busy_share"] is None  # no GPU: nothing to sample, not a made-up number
-    proc = lipsync_cli("bench", "--mode", "turbo", "--steps", "1")
+    proc = lipsync_main(capsys, "bench", "--mode", "turbo", "--steps", "1")
     assert proc.returncode == 2 and "unknown mode 'turbo'" in proc.stderr
 
 
@@ -71,8 +71,7 @@ def test_bench_and_profile_run_what_compile_returns(monkeypatch, tmp_path, tool)
     assert calls["vae"] == 1
 
 
-def test_cli_bench_on_a_real_clip_end_to_end(tmp_path):
-
+def test_cli_bench_on_a_real_clip_end_to_end(tmp_path, capsys):
     frames = read_frames(MEDIA / "demo1_video.mp4", stop=12)[:, 380:980, 295:895]
     video = make_video(
         tmp_path / "face.mp4", seconds=0.48, size=(600, 600), crf=18,
@@ -89,7 +88,7 @@ def test_cli_bench_on_a_real_clip_end_to_end(tmp_path):
     assert report["stage_seconds"]["denoise"] > 0 and report["mode"] == "fast"
     assert report["denoise"]["cache_interval"] == 3
     assert list((tmp_path / "faces").glob("*.npz")), "the warm-up run fills the face cache"
-    proc = lipsync_cli("bench", "--preset", "tiny", "--video", str(video))
+    proc = lipsync_main(capsys, "bench", "--preset", "tiny", "--video", video)
     assert proc.returncode == 2 and "--video and --audio go together" in proc.stderr
 
 
@@ -131,7 +130,7 @@ def test_bench_fast_mode_reports_its_options(tmp_path):
     assert report["unet_loop_fps"] > 0
 
 
-def test_fp8_flag_is_refused_without_a_capable_gpu(tmp_path):
-    proc = lipsync_cli("bench", "--preset", "tiny", "--fp8", "--device", "cpu", timeout=300)
+def test_fp8_flag_is_refused_without_a_capable_gpu(capsys):
+    proc = lipsync_main(capsys, "bench", "--preset", "tiny", "--fp8", "--device", "cpu")
     lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert proc.returncode == 2 and len(lines) == 1 and "FP8" in lines[0], proc.stderr[-800:]

@@ -1,4 +1,7 @@
-"""Streaming: peak memory does not grow with the video's length (tiny preset, real pipeline)."""
+"""Streaming: peak memory does not grow with the video's length (tiny preset, real pipeline).
+
+A 60 s input against a 10 s one: 1250 more frames, 384 MB of them decoded at 320x320, far above
+the 10 % allowed; README "Lip-sync a video" has the measured peaks of a 20 s and a 2-minute run."""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def peak_rss(video, audio, out) -> int:
     return json.loads(lines[-1])["max_rss_kib"]
 
 
-def test_two_minute_input_needs_no_more_memory_than_twenty_seconds(tmp_path, small_demo_frames):
+def test_six_times_longer_input_needs_no_more_memory(tmp_path, small_demo_frames):
     n = len(small_demo_frames)
 
     def draw(i, t):  # ping-pong through the 3 s of face frames
@@ -44,11 +47,11 @@ def test_two_minute_input_needs_no_more_memory_than_twenty_seconds(tmp_path, sma
         return small_demo_frames[k if k < n else 2 * n - 1 - k]
 
     results = {}
-    for seconds in (20, 120):
+    for seconds in (10, 60):
         video = make_video(tmp_path / f"v{seconds}.mp4", seconds=seconds, size=(320, 320),
                            draw=draw, preset="ultrafast")  # fmt: skip
         audio = make_audio(tmp_path / f"a{seconds}.wav", seconds=seconds,
                            signal=speechlike(seconds))  # fmt: skip
         results[seconds] = peak_rss(video, audio, tmp_path / f"o{seconds}.mp4")
-    print(f"peak RSS: 20 s input {results[20] / 1024:.0f} MiB, 120 s {results[120] / 1024:.0f} MiB")
-    assert results[120] <= 1.10 * results[20], results
+    print(f"peak RSS: 10 s input {results[10] / 1024:.0f} MiB, 60 s {results[60] / 1024:.0f} MiB")
+    assert results[60] <= 1.10 * results[10], results

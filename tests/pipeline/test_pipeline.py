@@ -145,12 +145,8 @@ def test_audio_shorter_than_video_ends_with_the_audio(tmp_path, small_demo_frame
     assert abs(len(load_audio(out)) - 0.8 * 16000) <= 2048
 
 
-def test_json_report_fields(tmp_path, small_demo_frames):
-    video = face_clip(tmp_path / "v.mp4", small_demo_frames, 0.64)
-    audio = make_audio(tmp_path / "a.wav", seconds=0.64, signal=speechlike(0.64))
-    proc = lipsync_cli("run", video, audio, "-o", tmp_path / "o.mp4", *FAST, "--json")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
+def test_json_report_fields(demo_run):
+    _, report = demo_run  # `lipsync run ... --json` on the demo clip
     for key in ("output", "frames", "frames_without_face", "seconds", "fps", "seed", "preset"):
         assert key in report
     assert report["preset"] == "tiny" and report["seed"] == 1247 and report["fps"] > 0

@@ -65,6 +65,12 @@ class UNetSpy:
             h.remove()
 
 
+@pytest.fixture(scope="module")
+def exact4(bundle, mask, inputs):
+    """The exact 4-step result on ``inputs`` (seed 0), which several fast paths must reproduce."""
+    return denoise(bundle, mask, *inputs, steps=4)
+
+
 @pytest.fixture
 def spy(bundle):
     s = UNetSpy(bundle.unet)
@@ -116,9 +122,8 @@ def test_cached_calls_are_much_cheaper(bundle):
 # -- DeepCache in the denoiser ----------------------------------------------------------------
 
 
-def test_cache_interval_one_is_exact(bundle, mask, inputs):
-    exact = denoise(bundle, mask, *inputs, steps=4)
-    assert torch.equal(denoise(bundle, mask, *inputs, steps=4, cache_interval=1), exact)
+def test_cache_interval_one_is_exact(bundle, mask, inputs, exact4):
+    assert torch.equal(denoise(bundle, mask, *inputs, steps=4, cache_interval=1), exact4)
 
 
 def test_cache_interval_three_runs_the_full_unet_on_every_third_step(bundle, mask, inputs, spy):
@@ -140,17 +145,15 @@ def test_cache_interval_three_runs_the_full_unet_on_every_third_step(bundle, mas
 # -- guidance on early steps only -------------------------------------------------------------
 
 
-def test_guidance_on_all_steps_is_exact(bundle, mask, inputs):
-    exact = denoise(bundle, mask, *inputs, steps=4)
-    assert torch.equal(denoise(bundle, mask, *inputs, steps=4, guidance_steps=1.0), exact)
+def test_guidance_on_all_steps_is_exact(bundle, mask, inputs, exact4):
+    assert torch.equal(denoise(bundle, mask, *inputs, steps=4, guidance_steps=1.0), exact4)
 
 
-def test_guidance_on_half_the_steps_halves_the_late_batches(bundle, mask, inputs, spy):
-    exact = denoise(bundle, mask, *inputs, steps=4)
+def test_guidance_on_half_the_steps_halves_the_late_batches(bundle, mask, inputs, exact4, spy):
     spy.batches.clear()
     early = denoise(bundle, mask, *inputs, steps=4, guidance_steps=0.5)
     assert spy.batches == [2, 2, 1, 1]
-    assert (early - exact).abs().max() > 0
+    assert (early - exact4).abs().max() > 0
     opts = DenoiseOptions(steps=5, guidance_steps=0.5)
     assert opts.guided_steps() == 3  # ceil: a positive share guides at least one step
     assert DenoiseOptions(steps=5, guidance=1.0).guided_steps() == 0

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lipsync.checkpoints import load_syncnet
 from lipsync.train.metrics import read_jsonl
 from tests.support.shared import FIXTURES, REPO
@@ -26,6 +28,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_budgeted_run_hands_back_files_and_resumes_from_them(tmp_path):
     out1, out2 = tmp_path / "out1", tmp_path / "out2"
     first = run("--max-minutes", "0.05", "--out", str(out1), "--run", str(tmp_path / "run1"),

@@ -8,8 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.shared import REPO
 from tests.support.train_fixtures import TINY_SYNCNET_16, TINY_UNET, TINY_VAE
+
+pytestmark = [pytest.mark.slow]
 
 TINY_TREPA = {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_hidden": 128, "patch_size": 16,
               "image_size": 32, "num_frames": 16, "num_classes": 10}  # fmt: skip

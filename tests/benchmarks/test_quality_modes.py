@@ -7,7 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.shared import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def test_quality_script_on_the_demo_clip(tmp_path):

@@ -50,6 +50,7 @@ def test_app_serves_its_page(server):
     assert {"Video", "Audio", "Model preset", "Denoising steps", "Result"} <= labels
 
 
+@pytest.mark.e2e
 def test_app_runs_a_job(server, tmp_path, small_demo_frames):
     from gradio_client import Client, handle_file
 

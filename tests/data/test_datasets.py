@@ -25,6 +25,8 @@ from lipsync.media import read_frames
 from lipsync.models.whisper import WhisperDims, WhisperEncoder
 from tests.support.data_corpus import build_corpus, sidecar
 
+pytestmark = [pytest.mark.slow]
+
 PHONES = [f"P{k}" for k in range(7)]  # the inventory of the test sidecar's made-up phones
 
 

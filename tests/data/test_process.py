@@ -83,6 +83,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 # the whole run
 
 
+@pytest.mark.slow
 def test_manifest_has_every_input_and_segment_with_reasons(processed):
     out, report = processed
     entries = read_manifest(out / "manifest.jsonl")
@@ -125,6 +126,7 @@ def test_manifest_has_every_input_and_segment_with_reasons(processed):
     assert report.worker_pids == 2 and report.cpu_seconds > 0
 
 
+@pytest.mark.slow
 def test_final_segment_is_the_inference_face_crop_with_its_audio(processed):
     out, _ = processed
     rec = json.loads(next((out / "final").glob("a-*-s001.json")).read_text())
@@ -165,6 +167,7 @@ def test_final_segment_is_the_inference_face_crop_with_its_audio(processed):
     assert snr > 15, snr
 
 
+@pytest.mark.slow
 def test_sidecar_labels_are_cut_and_rebased(processed):
     out, _ = processed
     full = sidecar("syn-a", 125)
@@ -183,6 +186,7 @@ def test_sidecar_labels_are_cut_and_rebased(processed):
         assert all(0 <= w["start"] < w["end"] <= dur for w in labels["words"])
 
 
+@pytest.mark.slow
 def test_rerun_does_no_work_and_gives_the_same_files(processed, corpus):
     out, _ = processed
     before = _tree(out)
@@ -196,6 +200,7 @@ def test_rerun_does_no_work_and_gives_the_same_files(processed, corpus):
     assert {p: p.stat().st_mtime_ns for p in (out / "final").iterdir()} == mtimes
 
 
+@pytest.mark.slow
 def test_changed_settings_are_refused(processed, corpus):
     out, _ = processed
     with pytest.raises(ConfigError, match="resolution"):
@@ -213,6 +218,7 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_identical_results(processed, corpus, tmp_path):
     ref, _ = processed
     out = tmp_path / "out"
@@ -262,6 +268,7 @@ class ScriptedSync:
         return self.estimates[len(self.calls) - 1]
 
 
+@pytest.mark.slow
 def test_sync_step_shifts_to_offset_zero_and_drops_low_confidence(corpus, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
@@ -326,6 +333,7 @@ def test_split_scenes_rule():
     assert all(50 <= p.frames <= 100 for p in pieces if p.ok)
 
 
+@pytest.mark.slow
 def test_heuristic_quality_separates_good_from_bad_crops(processed):
     import cv2
 
@@ -380,6 +388,7 @@ def test_unreadable_sync_checkpoint_is_a_clear_error_before_any_work(corpus, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_sync_step_with_a_real_syncnet_records_offset_and_confidence(corpus, tmp_path):
     """Step 6 through a real SyncNet (the toy one shipped with the tests): the offset search
     runs on the segment's aligned lower halves; a threshold above any confidence drops it."""
@@ -432,6 +441,8 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_ray_cluster_of_two_workers_gives_the_pool_result(processed, corpus, tmp_path):
     ref, _ = processed
     port = _free_port()

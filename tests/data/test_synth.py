@@ -269,6 +269,7 @@ def _sidecars(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((root / "clips").glob("*.json"))]
 
 
+@pytest.mark.slow
 def test_corpus_files_follow_the_contract(corpus):
     from lipsync.media import probe, read_frames
 
@@ -311,6 +312,7 @@ def test_corpus_files_follow_the_contract(corpus):
     assert (corpus / "sources" / "demo1" / "landmarks.npy").is_file()
 
 
+@pytest.mark.slow
 def test_mouth_opening_seen_by_mediapipe_follows_the_viseme_track(corpus):
     from lipsync.media import read_frames
 
@@ -323,6 +325,7 @@ def test_mouth_opening_seen_by_mediapipe_follows_the_viseme_track(corpus):
         assert r >= 0.9, f"{s['id']}: Pearson r = {r:.3f}"
 
 
+@pytest.mark.slow
 def test_audio_in_the_mp4_is_aligned_with_the_labels(corpus):
     from lipsync.audio import load_audio
 
@@ -352,6 +355,7 @@ def test_audio_in_the_mp4_is_aligned_with_the_labels(corpus):
             assert level > 0.01, p
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_clips_with_one_worker(corpus, tmp_path):
     from lipsync.media import read_frames
 

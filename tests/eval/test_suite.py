@@ -44,6 +44,8 @@ def clips(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_suite_writes_table_report_and_resumes(clips, tmp_path):
     out = tmp_path / "suite"
     options = SuiteOptions(model="tiny", steps=2, device="cpu",

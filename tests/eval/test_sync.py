@@ -57,6 +57,7 @@ def check_finds_shift(scorer: SyncScorer, crops, wav: np.ndarray, shift: int = 3
     return synced, late
 
 
+@pytest.mark.slow
 def test_offset_search_finds_a_3_frame_shift_on_a_toy_clip(toy_scorer):
     clip = toy_clip(seed=20261129, num_frames=125, resolution=32)  # unseen in training
     synced, late = check_finds_shift(toy_scorer, clip.frames, clip.wav)
@@ -110,6 +111,7 @@ def one_error_line(proc: subprocess.CompletedProcess | CliResult) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 def test_eval_sync_cli_on_an_aligned_video_with_shifted_audio(tmp_path):
     clip = toy_clip(seed=31337, num_frames=100, resolution=64)
     video = _aligned_video(tmp_path / "toy.mp4", clip)
@@ -156,6 +158,7 @@ def test_corrupt_and_faceless_input_give_one_error_line(tmp_path, capsys):
     assert "not found" in one_error_line(sync(faceless, "--syncnet", tmp_path / "x.pt"))
 
 
+@pytest.mark.slow
 def test_score_video_tracks_the_real_demo_face(toy_scorer):
     # the face pipeline end to end on real footage (the toy SyncNet's numbers mean nothing
     # here; the crops are real 32 px lower faces, the offset is within the search)

@@ -232,6 +232,7 @@ def test_sampling_outside_the_graph_gives_seed_identical_latents(models, session
     assert rel_err(other_seed.numpy(), theirs.numpy()) > 1e-2
 
 
+@pytest.mark.e2e
 def test_pipeline_on_the_onnx_engine_equals_pytorch_and_keeps_every_frame(models, export_dir):
     # 21 frames: one chunk of 16 and a tail of 5, which the fork dropped (num_inferences -= 1).
     # Two steps, the second without guidance: both batch layouts of the U-Net graph run.
@@ -282,6 +283,7 @@ def test_fp16_unet_keeps_norms_softmax_and_timestep_path_in_fp32(unet_fp16):
     assert {v.type.tensor_type.elem_type for v in model.graph.input} == {fp32}
 
 
+@pytest.mark.slow
 def test_fp16_unet_cosine_per_denoising_step(models, unet_fp16):
     # a guided DDIM run driven by the fp32 PyTorch U-Net; at every step the fp16 graph gets the
     # same input and must predict the same noise (cosine >= 0.9999)

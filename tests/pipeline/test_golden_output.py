@@ -25,6 +25,8 @@ from lipsync.audio import load_audio
 from tests.support.media_factory import make_audio
 from tests.support.shared import MEDIA
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 DEMO_VIDEO = MEDIA / "demo1_video.mp4"
 DEMO_AUDIO = MEDIA / "demo1_audio.wav"
 

@@ -10,7 +10,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.support.media_factory import make_audio, make_video, speechlike
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 MEASURE = textwrap.dedent(
     """

@@ -13,6 +13,8 @@ from tests.support.cli import lipsync_cli
 from tests.support.media_factory import make_audio, speechlike
 from tests.support.shared import face_clip
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 
 @pytest.fixture(scope="module")
 def face_frames(small_demo_frames):

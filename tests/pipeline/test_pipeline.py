@@ -47,6 +47,8 @@ def demo_run(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_demo_clip_timeline_and_report(demo_run):
     out, report = demo_run
     print(f"demo end to end: {report['wall_s']:.1f} s wall, report {report['seconds']}")
@@ -60,6 +62,8 @@ def test_demo_clip_timeline_and_report(demo_run):
     assert set(report["seconds"]) >= {"validate", "audio", "faces", "denoise", "encode"}
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_demo_clip_audio_is_the_input_audio(demo_run):
     out, _ = demo_run
     ours = load_audio(out)
@@ -72,6 +76,8 @@ def test_demo_clip_audio_is_the_input_audio(demo_run):
     assert abs(len(ours) - len(ref)) <= 2048  # trimmed to the video (+ AAC frame padding)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_demo_clip_pixels_outside_face_unchanged_and_mouth_changed(demo_run):
     out, _ = demo_run
     ours = read_frames(out, stop=48).astype(np.int16)
@@ -106,6 +112,7 @@ def test_demo_clip_pixels_outside_face_unchanged_and_mouth_changed(demo_run):
     assert mouth_err > 8.0  # random weights paint something else there
 
 
+@pytest.mark.e2e
 def test_30fps_input_gives_25fps_output(tmp_path, small_demo_frames):
     video = face_clip(tmp_path / "in30.mp4", small_demo_frames, 2.0, fps=30)
     audio = make_audio(tmp_path / "a.wav", seconds=1.6, signal=speechlike(1.6))
@@ -116,6 +123,7 @@ def test_30fps_input_gives_25fps_output(tmp_path, small_demo_frames):
     assert fps == 25.0 and n == 40
 
 
+@pytest.mark.e2e
 def test_audio_longer_than_video_loops_ping_pong(tmp_path, small_demo_frames):
     video = face_clip(tmp_path / "short.mp4", small_demo_frames, 1.0)
     audio = make_audio(tmp_path / "long.wav", seconds=2.4, signal=speechlike(2.4))
@@ -134,6 +142,7 @@ def test_audio_longer_than_video_loops_ping_pong(tmp_path, small_demo_frames):
         assert np.abs(a - b).mean() < 2.0, k
 
 
+@pytest.mark.e2e
 def test_audio_shorter_than_video_ends_with_the_audio(tmp_path, small_demo_frames):
     video = face_clip(tmp_path / "v.mp4", small_demo_frames, 2.0, audio=True)
     audio = make_audio(tmp_path / "short.wav", seconds=0.8, signal=speechlike(0.8))
@@ -145,6 +154,8 @@ def test_audio_shorter_than_video_ends_with_the_audio(tmp_path, small_demo_frame
     assert abs(len(load_audio(out)) - 0.8 * 16000) <= 2048
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_json_report_fields(demo_run):
     _, report = demo_run  # `lipsync run ... --json` on the demo clip
     for key in ("output", "frames", "frames_without_face", "seconds", "fps", "seed", "preset"):
@@ -175,6 +186,7 @@ def test_video_without_face_fails_before_heavy_work(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "noface.mp4"]
 
 
+@pytest.mark.e2e
 def test_in_memory_api_and_seed_determinism(small_demo_frames):
     from lipsync import LipSync
 
@@ -192,6 +204,7 @@ def test_in_memory_api_and_seed_determinism(small_demo_frames):
         ls.run_arrays(np.zeros((8, 120, 160, 3), np.uint8), wav, steps=1)
 
 
+@pytest.mark.e2e
 def test_ctrl_c_leaves_no_partial_output(tmp_path):
     out = tmp_path / "o.mp4"
     proc = subprocess.Popen(
@@ -213,6 +226,7 @@ def test_ctrl_c_leaves_no_partial_output(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_face_cache_skips_tracking_and_gives_the_same_output(
     tmp_path, small_demo_frames, monkeypatch
 ):

@@ -20,6 +20,8 @@ import pytest
 
 from tests.support.serving_stack import REPO, Stack, submit
 
+pytestmark = [pytest.mark.postgres]
+
 MAX_UPLOAD = 2 * 1024 * 1024
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from tests.support.serving_stack import Stack, check_output, submit, wait_until
 
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.e2e]
+
 
 @pytest.fixture(scope="module")
 def stack(postgres_server, tmp_path_factory):

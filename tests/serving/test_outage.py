@@ -26,6 +26,8 @@ from tests.support.serving_stack import (
     wait_until,
 )
 
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.e2e]
+
 LONG_OUTAGE_S = 15.0
 SHORT_OUTAGE_S = 1.0
 

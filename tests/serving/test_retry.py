@@ -13,6 +13,8 @@ import pytest
 from tests.support.serving_runners import ALWAYS_FAIL_SEED, USER_ERROR_SEED
 from tests.support.serving_stack import Stack, check_output, free_port, submit
 
+pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
+
 BACKOFF = 0.4
 MAX_ATTEMPTS = 3
 

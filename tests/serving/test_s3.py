@@ -7,6 +7,8 @@ import pytest
 
 from tests.support.serving_stack import S3_ENV, Stack, check_output, submit
 
+pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
+
 STORE = "lipsync-store"
 INPUTS = "customer-inputs"
 

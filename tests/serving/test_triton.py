@@ -49,6 +49,8 @@ from lipsync.serving.triton.server import (  # noqa: E402
     start_server,
 )
 
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
+
 TOKEN = "lipsync-test-token"
 STEPS = DenoiseOptions(steps=3)
 
@@ -258,6 +260,7 @@ def short_clip(tmp_path_factory):
     return video, audio
 
 
+@pytest.mark.e2e
 def test_full_run_through_triton_equals_in_process(server, bundle, short_clip, tmp_path):
     """LipSync.run with the model on Triton writes the same frames as in-process."""
     from lipsync.api import LipSync
@@ -457,6 +460,8 @@ def test_cli_server_then_server_goes_away(local, tmp_path):
         server.stop()
 
 
+@pytest.mark.postgres
+@pytest.mark.e2e
 def test_triton_restarted_mid_job_the_job_is_retried_and_completes(
     postgres_server, serving_media, tmp_path
 ):

@@ -71,6 +71,7 @@ def test_bench_and_profile_run_what_compile_returns(monkeypatch, tmp_path, tool)
     assert calls["vae"] == 1
 
 
+@pytest.mark.e2e
 def test_cli_bench_on_a_real_clip_end_to_end(tmp_path, capsys):
     frames = read_frames(MEDIA / "demo1_video.mp4", stop=12)[:, 380:980, 295:895]
     video = make_video(

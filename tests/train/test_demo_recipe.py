@@ -111,6 +111,7 @@ def round1(pack, tmp_path_factory):
     return out, first, common
 
 
+@pytest.mark.slow
 def test_recipe_trains_in_rounds_into_a_bundle(round1, tmp_path):
     round1, first, common = round1
     round2 = tmp_path / "round2"
@@ -159,6 +160,7 @@ def test_recipe_trains_in_rounds_into_a_bundle(round1, tmp_path):
     assert out.shape == faces.shape and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_bundle_refuses_damaged_or_edited_files(round1, tmp_path):
     round1 = Path(shutil.copytree(round1[0], tmp_path / "bundle"))
     assert load_bundle(round1).num_frames == 16

@@ -99,6 +99,7 @@ def test_run_folder_holds_metrics_charts_and_a_loadable_model(tmp_path):
     assert report["accuracy"] == pytest.approx(summary["val"]["accuracy"])
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_the_same_loss_curve(tmp_path):
     cfg = write_config(tmp_path, max_steps=16)
     args = ("-m", "lipsync.cli", "train", "syncnet", str(cfg), "--device", "cpu", "--quiet")

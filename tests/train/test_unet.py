@@ -131,6 +131,7 @@ def test_resume_after_sigkill_continues_the_same_run(reference_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_the_doubled_batch(tmp_path):
     """DDP and FSDP (2 processes, batch 1 each) against one process with batch 2."""
     # Adam's eps at 1e-6: with the default 1e-8, parameters whose true gradient is ~0 move by
@@ -221,6 +222,7 @@ def test_stage2_trains_only_the_listed_modules_with_the_sync_loss(tmp_path, monk
     assert list((out / "val").glob("step-00000002-0.mp4"))
 
 
+@pytest.mark.e2e
 def test_checkpoint_loads_into_unet3d_and_denoises_through_the_pipeline(reference_run):
     unet = load_own_unet(reference_run)
     assert isinstance(unet, UNet3D)

@@ -17,7 +17,7 @@ clipping, fused AdamW.
 FLOPs are counted once per batch size (torch.utils.flop_counter over one whole step, outside
 the timed steps); TFLOP/s = FLOPs / mean step time; the share is against ``--peak-tflops``
 (790: an 8192³ bf16 matmul measured on the H200, /work/.library/device/KINDS.md).
-A CPU smoke test runs it with tiny configs (tests/test_gpu_train_script.py).
+A CPU smoke test runs it with tiny configs (tests/benchmarks/test_gpu_train_stage2.py).
 """
 
 from __future__ import annotations

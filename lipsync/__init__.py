@@ -3,7 +3,7 @@
 ``from lipsync import LipSync`` — see :mod:`lipsync.api`. Heavy modules load on first use.
 
 Layers, each importing only its own and the ones below (README "Architecture";
-``tests/test_import_graph.py`` checks it):
+``tests/repo/test_import_graph.py`` checks it):
 
 * front doors: :mod:`lipsync.cli`, :mod:`lipsync.app`, :mod:`lipsync.serving`
 * the Python API and the tools: :mod:`lipsync.api`, :mod:`lipsync.tools`, and the rooms

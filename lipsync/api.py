@@ -5,6 +5,8 @@
     >>> report = ls.run("talk.mp4", "speech.wav", "synced.mp4", steps=20, seed=1)
     >>> report.frames, report.fps
     >>> frames, report = ls.run_arrays(frames, waveform)       # in memory, for services
+    >>> ls = LipSync.from_onnx("onnx-v1.6", provider="cpu")   # an `lipsync export onnx` folder
+    >>> ls = LipSync.from_pretrained("1.5", unet="runs/mine")  # our own U-Net in a preset
 
 ``run`` keyword options are the fields of :class:`lipsync.pipeline.RunOptions` (``steps``,
 ``guidance``, ``seed``, ``mask_path``, ``min_face_size``, ``crf``, ``force`` …).
@@ -18,8 +20,8 @@ from dataclasses import fields, replace
 import numpy as np
 import torch
 
-from lipsync.config import LoadOptions
-from lipsync.constants import CompileOption
+from lipsync.config import LoadOptions, OnnxOptions
+from lipsync.constants import CompileOption, Provider
 from lipsync.errors import ConfigError
 from lipsync.loading import dtype_name, load_models
 from lipsync.pipeline import LipSyncPipeline, Progress, RunOptions, RunReport
@@ -58,8 +60,11 @@ class LipSync:
         compile: CompileOption = "none",
         fp8: bool = False,
         random_weights: bool = False,
+        unet: str | os.PathLike | None = None,
+        bundle_dir: str | os.PathLike | None = None,
     ) -> LipSync:
-        """Load a preset (``"1.6"``, ``"1.5"`` or ``"tiny"``) from the ``lipsync download`` cache.
+        """Load a preset (``"1.6"``, ``"1.5"``, ``"tiny"`` or ``"demo"``): the official ones from
+        the ``lipsync download`` cache, ``demo`` from the bundle shipped with lipsync.
 
         The arguments are the fields of :class:`~lipsync.config.LoadOptions`; ``None`` follows
         the default policy of :mod:`lipsync.loading` (CUDA when present; fp16 on CUDA, fp32 on
@@ -69,18 +74,40 @@ class LipSync:
         compiling, docs/PERFORMANCE.md), or ``auto`` (compiled only from matching precompiled
         artefacts, :mod:`lipsync.accel.precompiled`; else eager). ``fp8``: run the U-Net's big
         linear layers in FP8 (:mod:`lipsync.accel.fp8`; CUDA with compute capability ≥ 8.9 and
-        a bf16/fp16 model, else a ConfigError; approximate).
+        a bf16/fp16 model, else a ConfigError; approximate). ``unet``: one of our own U-Nets
+        replacing the preset's (:func:`lipsync.own_checkpoints.load_own_unet`; its geometry must
+        fit the preset). ``bundle_dir``: the ``demo`` preset's bundle folder, if not the shipped
+        one.
         """
         options = LoadOptions(
             preset=version, device=None if device is None else str(device),
             dtype=dtype_name(dtype), checkpoint_dir=checkpoint_dir, cpu_threads=cpu_threads,
-            compile=compile, fp8=fp8, random_weights=random_weights,
+            compile=compile, fp8=fp8, random_weights=random_weights, unet=unet,
+            bundle_dir=bundle_dir,
         )  # fmt: skip
         return cls.from_options(options)
 
     @classmethod
-    def from_options(cls, options: LoadOptions) -> LipSync:
-        """Load the models ``options`` describe (:func:`lipsync.loading.load_models`)."""
+    def from_onnx(
+        cls,
+        onnx_dir: str | os.PathLike,
+        provider: Provider = "auto",
+        preset: str | None = None,
+        threads: int | None = None,
+    ) -> LipSync:
+        """Run on an ``lipsync export onnx`` folder through ONNX Runtime (docs/EXPORT.md);
+        ``preset``, when given, must be the export's. Needs ``pip install lipsync[export]``."""
+        return cls.from_options(OnnxOptions(onnx_dir, provider, preset, threads))
+
+    @classmethod
+    def from_options(cls, options: LoadOptions | OnnxOptions) -> LipSync:
+        """Load the models ``options`` describe: PyTorch models
+        (:func:`lipsync.loading.load_models`) or an ONNX export (:class:`OnnxOptions`)."""
+        if isinstance(options, OnnxOptions):
+            # onnxruntime is an optional dependency (the export extra): imported when asked for
+            from lipsync.export.ort_engine import OrtEngine
+
+            return cls(LipSyncPipeline(OrtEngine.from_options(options)))
         return cls(LipSyncPipeline(load_models(options)))
 
     def run(

@@ -431,9 +431,12 @@ def checkpoint_paths(preset: Preset, root: Path | None = None) -> dict[str, Path
     }
 
 
-def require_checkpoints(preset: Preset, root: Path | None = None) -> dict[str, Path]:
-    """The paths of ``preset``'s files, or one clear error naming the download command."""
-    paths = checkpoint_paths(preset, root)
+def require_checkpoints(
+    preset: Preset, root: Path | None = None, parts: tuple[str, ...] = ("unet", "whisper", "vae")
+) -> dict[str, Path]:
+    """The paths of ``preset``'s files (those of ``parts``: ``lipsync run --unet`` needs no
+    official U-Net), or one clear error naming the download command."""
+    paths = {k: v for k, v in checkpoint_paths(preset, root).items() if k in parts}
     absent = [str(p) for name, p in paths.items() if not _present(name, p)]
     if absent:
         where = f" --dir {root}" if root else ""
@@ -464,6 +467,10 @@ def download(
     through ``huggingface_hub`` (which resumes partial downloads and honours ``HF_HUB_OFFLINE``).
     """
     preset = get_preset(version)
+    if preset.bundle is not None:
+        raise CheckpointError(
+            f"preset {preset.name!r} is a bundle shipped with lipsync; nothing to download"
+        )
     if preset.hf_repo is None:
         raise CheckpointError(f"preset {preset.name!r} has random weights; nothing to download")
     paths = checkpoint_paths(preset, root)

@@ -31,9 +31,11 @@ from lipsync.constants import (
     DEFAULT_SEED,
     DEFAULT_STEPS,
     MODE_NAMES,
+    EngineName,
+    Provider,
 )
 from lipsync.data.cli import data_app
-from lipsync.errors import LipSyncError, check_choice
+from lipsync.errors import ConfigError, LipSyncError, check_choice
 from lipsync.eval.cli import eval_app
 from lipsync.export.cli import export_app
 from lipsync.serving.cli import serve_app
@@ -150,7 +152,7 @@ class RichProgress:
 
 # -- options shared by several commands (one declaration each) --------------------------------
 
-Preset = Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5 or tiny.")]
+Preset = Annotated[str, typer.Option("--preset", "-p", help="v1.6, v1.5, tiny or demo.")]
 Device = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if present).")]
 DTypeOpt = Annotated[
     str | None,
@@ -210,16 +212,78 @@ FrameCacheMb = Annotated[
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-def _load(preset, device, dtype, dir=None, compile="none", fp8=False, random_weights=False):
+def _load(
+    preset, device, dtype, dir=None, compile="none", fp8=False, random_weights=False, unet=None
+):
     """The :class:`~lipsync.config.LoadOptions` of a command's flags (checked)."""
     from lipsync.config import LoadOptions
 
     options = LoadOptions(
         preset=preset, device=device, dtype=dtype, checkpoint_dir=dir, compile=compile, fp8=fp8,
-        random_weights=random_weights,
+        random_weights=random_weights, unet=unet,
     )  # fmt: skip
     options.validate()
     return options
+
+
+# lipsync run's model source: PyTorch models (--engine torch) or an ONNX export (--engine onnx)
+RunPreset = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        "-p",
+        help="v1.6, v1.5, tiny or demo (default v1.6; --engine onnx: the export's).",
+    ),
+]
+UNetPath = Annotated[
+    Path | None,
+    typer.Option(
+        "--unet",
+        help="Our own trained U-Net instead of the preset's: a bundle or training-run folder, or "
+        "a .safetensors with config metadata (docs/TRAINING.md).",
+    ),
+]
+Engine = Annotated[
+    EngineName,
+    typer.Option(help="torch (PyTorch models) or onnx (an export on ONNX Runtime; --onnx-dir)."),
+]
+OnnxDir = Annotated[
+    Path | None, typer.Option(help="--engine onnx: a folder made by lipsync export onnx.")
+]
+ProviderOpt = Annotated[
+    Provider | None,
+    typer.Option(help="--engine onnx: ONNX Runtime provider auto, cpu, cuda, tensorrt (auto)."),
+]
+
+
+def _run_source(engine, preset, onnx_dir, provider, options, **flags):
+    """:class:`~lipsync.config.LoadOptions` (``--engine torch``) or
+    :class:`~lipsync.config.OnnxOptions` (``--engine onnx``) of ``lipsync run``'s flags, checked;
+    ``flags``: the PyTorch-only ones (device, dtype, dir, compile, fp8, unet)."""
+    from lipsync.config import OnnxOptions
+
+    if engine == "torch":
+        if onnx_dir is not None or provider is not None:
+            raise ConfigError("--onnx-dir and --provider go with --engine onnx")
+        return _load(preset or "v1.6", **flags)
+    given = [f"--{k}" for k, v in flags.items() if v not in (None, False, "none")]
+    if given:
+        raise ConfigError(
+            f"--engine onnx runs an export as it was made (weights, precision and preset fixed): "
+            f"{', '.join(given)} do not apply; choose the hardware with --provider"
+        )
+    if onnx_dir is None:
+        raise ConfigError(
+            "--engine onnx needs --onnx-dir DIR (a folder made by lipsync export onnx)"
+        )
+    if options.denoise_options().cache_interval > 1:
+        raise ConfigError(
+            "the ONNX engine does not support DeepCache (cache_interval > 1); use --mode exact "
+            "or set --cache-interval 1"
+        )
+    source = OnnxOptions(onnx_dir, provider or "auto", preset)
+    source.validate()
+    return source
 
 
 @app.command()
@@ -229,7 +293,7 @@ def run(
         Path, typer.Argument(help="New audio (wav, mp3, m4a, flac) or a video with audio.")
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output video (.mp4).")],
-    preset: Preset = "v1.6",
+    preset: RunPreset = None,
     steps: Steps = DEFAULT_STEPS,
     guidance: Guidance = DEFAULT_GUIDANCE,
     seed: Annotated[
@@ -264,17 +328,21 @@ def run(
     guidance_steps: GuidanceSteps = None,
     fp8: Fp8 = False,
     frame_cache_mb: FrameCacheMb = 2048,
+    unet: UNetPath = None,
+    engine: Engine = "torch",
+    onnx_dir: OnnxDir = None,
+    provider: ProviderOpt = None,
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write the result to --output."""
     from lipsync.config import get_preset
-    from lipsync.errors import ConfigError
     from lipsync.media.validate import SilentAudioWarning, validate_inputs
 
     signal.signal(signal.SIGTERM, _raise_terminated)  # like Ctrl-C: no partial output is left
     _show_warnings()
     warnings.simplefilter("ignore", SilentAudioWarning)  # logged: one warning: line already
     # paths, media and the output folder first: seconds before torch and the models are imported
-    get_preset(preset)
+    if preset is not None:
+        get_preset(preset)
     validate_inputs(video, audio, output, force=force, load_waveform=False)
     if mask is not None and not mask.is_file():
         raise ConfigError(f"mask file not found: {mask}")
@@ -290,9 +358,12 @@ def run(
         frame_cache_mb=frame_cache_mb,
     )  # fmt: skip
     options.validate()
-    load = _load(preset, device, dtype, dir, compile, fp8)
-    with console.status(f"loading {preset} models") if not quiet else contextlib.nullcontext():
-        ls = LipSync.from_options(load)
+    source = _run_source(
+        engine, preset, onnx_dir, provider, options,
+        device=device, dtype=dtype, dir=dir, compile=compile, fp8=fp8, unet=unet,
+    )  # fmt: skip
+    with console.status("loading the models") if not quiet else contextlib.nullcontext():
+        ls = LipSync.from_options(source)
     with RichProgress(enabled=not quiet and not as_json) as progress:
         report = ls.run(video, audio, output, progress=progress, **asdict(options))
     if as_json:
@@ -493,12 +564,12 @@ def download(
     from lipsync.config import PRESETS, get_preset
     from lipsync.errors import ConfigError
 
-    versions = [p.name.lstrip("v") for p in PRESETS.values() if not p.random_weights]
+    versions = [p.name.lstrip("v") for p in PRESETS.values() if p.hf_repo is not None]
     try:
         preset = get_preset(version)
     except ConfigError:
         preset = None
-    if preset is None or preset.random_weights:
+    if preset is None or preset.hf_repo is None:  # tiny: random weights; demo: shipped
         raise ConfigError(f"unknown version {version!r}; choose {' or '.join(versions)}")
     paths = fetch(preset.name, root=dir, mirror=source, progress=True)
     for name, path in paths.items():
@@ -513,13 +584,23 @@ def presets(
 ) -> None:
     """List model presets and whether their checkpoints are downloaded."""
     from lipsync.checkpoints import checkpoint_paths, require_checkpoints
-    from lipsync.config import PRESETS
+    from lipsync.config import PRESETS, bundle_dir
+    from lipsync.loading import require_bundle
 
     rows = []
     for preset in PRESETS.values():
+        paths = None
         if preset.random_weights:
             status = "random weights (built in)"
+        elif preset.bundle is not None:
+            paths = {"bundle": str(bundle_dir(preset))}
+            try:
+                require_bundle(preset)
+                status = "bundle ready"
+            except LipSyncError:
+                status = f"missing bundle: {paths['bundle']}"
         else:
+            paths = {k: str(v) for k, v in checkpoint_paths(preset, dir).items()}
             try:
                 require_checkpoints(preset, dir)
                 status = "downloaded"
@@ -532,9 +613,7 @@ def presets(
                 "unet_config": preset.unet_config_file,
                 "hf_repo": preset.hf_repo,
                 "checkpoints": status,
-                "paths": None
-                if preset.random_weights
-                else {k: str(v) for k, v in checkpoint_paths(preset, dir).items()},
+                "paths": paths,
                 "description": preset.description,
             }
         )

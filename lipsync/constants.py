@@ -39,6 +39,8 @@ Mode = Literal["exact", "fast"]
 SchedulerName = Literal["ddim", "dpm++"]
 DetectorName = Literal["mediapipe"]  # InsightFace: see lipsync.face.detect
 TemporalAttentionKind = Literal["matmul", "sdpa"]
+EngineName = Literal["torch", "onnx"]  # PyTorch models, or an ONNX export on ONNX Runtime
+Provider = Literal["auto", "cpu", "cuda", "tensorrt"]  # ONNX Runtime execution provider
 
 DTYPES: tuple[DType, ...] = get_args(DType)
 COMPILE_MODES: tuple[CompileMode, ...] = get_args(CompileMode)
@@ -50,3 +52,5 @@ TEMPORAL_ATTENTION_KINDS: tuple[TemporalAttentionKind, ...] = get_args(TemporalA
 
 #: output file extension -> libavformat muxer name (what ``lipsync run -o`` may write)
 OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+ENGINES: tuple[EngineName, ...] = get_args(EngineName)
+PROVIDERS: tuple[Provider, ...] = get_args(Provider)

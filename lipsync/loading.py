@@ -17,6 +17,13 @@ Default policy (a ``None`` option):
   ``cpu_threads=os.cpu_count()``.
 * **compile** ``none``; **fp8** off; checkpoints from ``$LIPSYNC_HOME`` (``~/.cache/lipsync``).
 
+Own models (:mod:`lipsync.own_checkpoints`): a bundle preset (``demo``) loads U-Net, VAE and
+audio encoder from its bundle folder (:func:`lipsync.config.bundle_dir`: ``LoadOptions.bundle_dir``,
+else ``$LIPSYNC_DEMO_BUNDLE``, else the one shipped in ``lipsync/weights/demo``), with the
+resolution and chunk length its manifest records. ``LoadOptions.unet`` replaces any preset's
+U-Net with one of ours (``lipsync run --unet PATH``) once :func:`check_unet_fits` has checked,
+from its config alone, that it fits the preset; the preset's official U-Net is then not needed.
+
 ``fp8`` converts the U-Net's big linear layers (:mod:`lipsync.accel.fp8`; needs a CUDA GPU of
 compute capability ≥ 8.9 and a bf16/fp16 model, checked before the minutes of loading);
 ``compile`` compiles the U-Net in that mode and the VAE's encoder and decoder regionally
@@ -34,6 +41,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,12 +51,20 @@ from lipsync.accel import precompiled
 from lipsync.accel.fp8 import convert_unet_to_fp8, has_fp8, require_fp8_device
 from lipsync.audio import AudioEncoder
 from lipsync.checkpoints import load_unet, load_vae, read_whisper_checkpoint, require_checkpoints
-from lipsync.config import LoadOptions, Preset
+from lipsync.config import LoadOptions, Preset, bundle_dir, bundle_env_var
 from lipsync.constants import DTYPES, CompileMode, DType
-from lipsync.errors import ConfigError, check_choice
-from lipsync.models.unet import UNet3D, random_unet
+from lipsync.errors import CheckpointNotFoundError, ConfigError, check_choice
+from lipsync.models.unet import UNet3D, UNetConfig, random_unet
 from lipsync.models.vae import SD_VAE_FT_MSE_CONFIG, TINY_VAE_CONFIG, Vae, random_vae
 from lipsync.models.whisper import random_whisper_encoder
+from lipsync.own_checkpoints import (
+    MANIFEST,
+    OwnUNetInfo,
+    load_bundle,
+    load_own_unet,
+    own_unet_info,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +80,13 @@ __all__ = [
     "TORCH_DTYPES",
     "LoadOptions",
     "ModelBundle",
+    "check_unet_fits",
     "compile_models",
     "default_cpu_threads",
     "dtype_name",
     "load_models",
     "parse_dtype",
+    "require_bundle",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -134,6 +153,7 @@ class ModelBundle:
     precompiled: precompiled.Artefact | None = None
     precompiled_only: bool = False
     notes: list[str] = field(default_factory=list)  # warnings of the loading, for reports
+    fingerprint: str = ""  # the models' architecture (precompiled.model_fingerprint), as loaded
 
     @property
     def random_weights(self) -> bool:
@@ -174,15 +194,36 @@ def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> Model
         require_fp8_device(device)
         if dtype not in (torch.bfloat16, torch.float16):
             raise ConfigError("--fp8 needs --dtype bf16 or fp16")
+    # everything that can be checked without weights, before the minutes of loading
+    folder = require_bundle(preset, options.bundle_dir) if preset.bundle is not None else None
+    unet_config = preset.unet_config
+    if folder is not None:
+        manifest = read_manifest(folder)
+        preset = replace(
+            preset, resolution=int(manifest["resolution"]), num_frames=int(manifest["num_frames"])
+        )
+        unet_config = manifest["unet"]["config"]
+    if options.unet is not None:
+        check_unet_fits(own_unet_info(options.unet), unet_config, preset, options.unet)
     start = time.perf_counter()
-    if preset.random_weights or options.random_weights:
+    own_unet = None if options.unet is None else load_own_unet(options.unet, device, dtype)
+    if folder is not None:
+        own = load_bundle(folder, device=device, dtype=dtype)
+        unet = own.unet if own_unet is None else own_unet
+        vae, audio = own.vae, own.audio
+    elif preset.random_weights or options.random_weights:
         vae_config = TINY_VAE_CONFIG if preset.random_weights else SD_VAE_FT_MSE_CONFIG
-        unet = random_unet(preset.unet_config, seed=0, device=device, dtype=dtype)
+        unet = own_unet
+        if unet is None:
+            unet = random_unet(preset.unet_config, seed=0, device=device, dtype=dtype)
         vae = random_vae(vae_config, seed=0, device=device, dtype=dtype)
         audio = AudioEncoder(random_whisper_encoder(seed=0), device=device)
     else:
-        paths = require_checkpoints(preset, options.root)
-        unet = load_unet(paths["unet"], preset.unet_config, device=device, dtype=dtype)
+        parts = ("whisper", "vae") if own_unet is not None else ("unet", "whisper", "vae")
+        paths = require_checkpoints(preset, options.root, parts)
+        unet = own_unet
+        if unet is None:
+            unet = load_unet(paths["unet"], preset.unet_config, device=device, dtype=dtype)
         vae = load_vae(paths["vae"], device=device, dtype=dtype)
         audio = AudioEncoder(read_whisper_checkpoint(paths["whisper"]), device=device)
     seconds = time.perf_counter() - start
@@ -192,6 +233,7 @@ def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> Model
         log.warning(CPU_FP16_WARNING)
     if options.fp8:
         convert_unet_to_fp8(bundle.unet)
+    bundle.fingerprint = precompiled.model_fingerprint(bundle.unet, bundle.vae)  # not compiled yet
     compile_models(bundle, _use_precompiled(bundle, options))
     return bundle
 
@@ -204,6 +246,7 @@ def _use_precompiled(bundle: ModelBundle, options: LoadOptions) -> CompileMode:
     key = precompiled.artefact_key(
         bundle.preset.name, bundle.device, dtype_name(bundle.dtype),
         "regional" if auto else options.compile, options.fp8, bundle.preset.num_frames,
+        bundle.fingerprint,
     )  # fmt: skip
     match, others = precompiled.find(
         key, precompiled.compiled_dirs(options.compiled_dir), any_compile=auto
@@ -226,6 +269,62 @@ def _use_precompiled(bundle: ModelBundle, options: LoadOptions) -> CompileMode:
         bundle.notes.append(precompiled.mismatch_message(key, others))
         log.warning(bundle.notes[-1])
     return "none"
+
+
+def require_bundle(preset: Preset, override: str | os.PathLike | None = None) -> Path:
+    """The bundle folder of bundle preset ``preset`` (:func:`lipsync.config.bundle_dir`), or one
+    clear error saying it is not there."""
+    folder = bundle_dir(preset, override)
+    if not (folder / MANIFEST).is_file():
+        where = "given" if override else f"from ${bundle_env_var(preset)}"
+        if not override and not os.environ.get(bundle_env_var(preset)):
+            where = "shipped with lipsync"
+        raise CheckpointNotFoundError(
+            f"the {preset.name} preset's model bundle is missing: {folder} ({where}) has no "
+            f"{MANIFEST}; install a lipsync that ships it, or point ${bundle_env_var(preset)} "
+            "at a bundle folder (docs/TRAINING.md)"
+        )
+    return folder
+
+
+def check_unet_fits(
+    info: OwnUNetInfo,
+    preset_unet_config: dict[str, Any],
+    preset: Preset,
+    source: str | os.PathLike = "the U-Net",
+) -> None:
+    """ConfigError, naming every mismatch, unless an own U-Net (``info``: its config and
+    training resolution) can take the place of ``preset``'s: the same input, output and audio
+    channels, trained at the preset's face size (when recorded), latents its down blocks can
+    halve, and motion modules that take the preset's chunk length."""
+    try:
+        ours = UNetConfig.from_dict(dict(info.config))
+    except ConfigError as e:
+        raise ConfigError(f"--unet {source}: its config is not a U-Net config: {e}") from None
+    theirs = UNetConfig.from_dict(dict(preset_unet_config))
+    problems = [
+        f"{name} {getattr(ours, name)} (the preset's: {getattr(theirs, name)})"
+        for name in ("in_channels", "out_channels", "cross_attention_dim")
+        if getattr(ours, name) != getattr(theirs, name)
+    ]
+    if info.resolution is not None and info.resolution != preset.resolution:
+        problems.append(f"trained at {info.resolution} px (the preset's faces: "
+                        f"{preset.resolution} px)")  # fmt: skip
+    factor = 2 ** (len(ours.down_block_types) - 1)
+    if preset.latent_size % factor:
+        problems.append(
+            f"{len(ours.down_block_types)} down blocks need latents divisible by {factor} "
+            f"(the preset's: {preset.latent_size})"
+        )
+    max_len = ours.motion_module_kwargs.temporal_position_encoding_max_len
+    if ours.use_motion_module and max_len < preset.num_frames:
+        problems.append(f"motion modules of at most {max_len} frames (the preset's chunks: "
+                        f"{preset.num_frames})")  # fmt: skip
+    if problems:
+        raise ConfigError(
+            f"--unet {source} does not fit the {preset.name} preset: {'; '.join(problems)}; "
+            "choose the preset it was trained for (lipsync presets lists their sizes)"
+        )
 
 
 def compile_models(bundle: ModelBundle, mode: CompileMode) -> None:

@@ -25,6 +25,7 @@ The single-file forms ``lipsync run --unet PATH`` can take are also read here
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import json
 import math
@@ -122,13 +123,39 @@ def _seeded_state(dims: WhisperDims, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _sinusoids64(length: int, channels: int) -> np.ndarray:
-    """Whisper's positional table computed in float64 and rounded to float32: the same bits on
-    any machine (a last-bit difference of a float64 libm survives the rounding only rarely),
-    unlike float32 kernels, which differ between torch builds."""
+    """Whisper's positional table, the same bits on any machine: only IEEE-754 basic arithmetic
+    (no libm, no SIMD math library: numpy's float64 ``sin`` differs between builds and CPUs, and
+    even a last-bit difference survives the rounding to float32 in a few of the 576,000 values).
+    The frequencies come from :mod:`decimal` (correctly rounded), the sines and cosines from a
+    Cody-Waite reduction and Taylor polynomials in float64 (error about 1e-16), then float32."""
     half = channels // 2
-    inv = np.exp(-math.log(10000.0) / (half - 1) * np.arange(half, dtype=np.float64))
+    ctx = decimal.Context(prec=40)
+    step = ctx.divide(ctx.ln(decimal.Decimal(10000)), decimal.Decimal(half - 1))
+    inv = np.array([float(ctx.exp(ctx.multiply(-step, k))) for k in range(half)], np.float64)
     t = np.arange(length, dtype=np.float64)[:, None] * inv[None, :]
-    return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
+    sin, cos = _sincos(t)
+    return np.concatenate([sin, cos], axis=1).astype(np.float32)
+
+
+# pi/2 in three parts (fdlibm's): the first 33 bits, the next 33, the rest
+_PIO2 = (1.57079632673412561417e00, 6.07710050630396597660e-11, 2.02226624879595063154e-21)
+
+
+def _sincos(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sin and cos of non-negative float64 ``x`` (< 2**20) with basic arithmetic only."""
+    k = np.rint(x * (2.0 / math.pi))
+    r = ((x - k * _PIO2[0]) - k * _PIO2[1]) - k * _PIO2[2]  # |r| <= pi/4, k * part exact
+    r2 = r * r
+    s = np.zeros_like(r)
+    c = np.zeros_like(r)
+    for n in range(10, 0, -1):  # Horner: terms up to r**21 / 21! and r**20 / 20!
+        s = 1.0 - s * r2 / ((2 * n) * (2 * n + 1))
+        c = 1.0 - c * r2 / ((2 * n - 1) * (2 * n))
+    s = s * r
+    quadrant = k.astype(np.int64) % 4
+    sin = np.choose(quadrant, [s, c, -s, -c])
+    cos = np.choose(quadrant, [c, -s, -c, s])
+    return sin, cos
 
 
 def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
@@ -468,6 +495,60 @@ def bundle_size_bytes(path: str | os.PathLike) -> int:
 def unet_file_metadata(config: Mapping[str, Any], **extra: str) -> dict[str, str]:
     """safetensors metadata that makes a U-Net weights file self-describing."""
     return {"format": UNET_FILE_FORMAT, "config": json.dumps(_jsonable(dict(config))), **extra}
+
+
+@dataclass(frozen=True)
+class OwnUNetInfo:
+    """What an own U-Net says about itself, read without its weights (:func:`own_unet_info`)."""
+
+    config: dict[str, Any]  # the U-Net config it was built with
+    resolution: int | None  # face size it was trained at, when recorded
+
+
+def own_unet_info(path: str | os.PathLike) -> OwnUNetInfo:
+    """The config and training resolution of an own U-Net (the forms :func:`load_own_unet`
+    reads), without loading weights. The resolution comes from a bundle's manifest, a file's
+    metadata (``resolution``), or the ``config.json`` of the training run the folder or file is
+    in (``model.resolution``); None when none of them records it."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointNotFoundError(f"U-Net checkpoint not found: {path}")
+    if path.is_dir() and is_bundle(path):
+        manifest = read_manifest(path)
+        return OwnUNetInfo(dict(manifest["unet"]["config"]), int(manifest["resolution"]))
+    if path.is_dir():
+        config_file = path / "unet_config.json"
+        if not config_file.is_file():
+            raise CheckpointError(
+                f"{path} is neither a bundle nor a U-Net checkpoint folder (needs "
+                "unet_config.json and unet.safetensors)"
+            )
+        return OwnUNetInfo(_read_json(config_file), _run_resolution(path))
+    meta = read_safetensors_metadata(path)
+    if meta.get("format") != UNET_FILE_FORMAT or "config" not in meta:
+        raise CheckpointError(
+            f"{path} does not say which U-Net it holds (no lipsync config in its metadata); "
+            "load it with the preset's config instead"
+        )
+    resolution = int(meta["resolution"]) if "resolution" in meta else _run_resolution(path.parent)
+    return OwnUNetInfo(json.loads(meta["config"]), resolution)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from e
+
+
+def _run_resolution(folder: Path) -> int | None:
+    """``model.resolution`` of the training run's ``config.json`` in ``folder``, if any."""
+    file = folder / "config.json"
+    if not file.is_file():
+        return None
+    model = _read_json(file).get("model")
+    resolution = model.get("resolution") if isinstance(model, dict) else None
+    return int(resolution) if resolution else None
 
 
 def load_own_unet(

@@ -16,8 +16,9 @@ is in the artefacts). Both are measured in docs/PERFORMANCE.md ("Cold start").
 
 Keying (:class:`ArtefactKey`): the device (GPU name and compute capability, or the CPU's
 instruction set), the versions of torch, Triton and diffusers, a hash of the code that is
-compiled (``lipsync/models``, ``lipsync/accel/compile.py``), the preset, dtype, compile mode,
-FP8, and the chunk length. Which denoising plans were warmed (guided/unguided, full/DeepCache
+compiled (``lipsync/models``, ``lipsync/accel/compile.py``), the preset, the models' architecture
+(:func:`model_fingerprint`: an own U-Net under a preset's name is another model), dtype, compile
+mode, FP8, and the chunk length. Which denoising plans were warmed (guided/unguided, full/DeepCache
 steps) is listed in the manifest (:func:`plan_items`): ``--compile auto`` runs what they cover
 compiled and anything else eagerly, never compiling in the foreground.
 
@@ -43,7 +44,7 @@ import torch
 from lipsync.config import cache_dir
 from lipsync.errors import ConfigError
 
-FORMAT = 1  # manifest format
+FORMAT = 2  # manifest format (2: the models' fingerprint in the key)
 ENV_DIR = "LIPSYNC_COMPILED_DIR"
 _CODE = ("models", "accel/compile.py")  # what is compiled: a change invalidates the artefacts
 
@@ -58,6 +59,7 @@ class ArtefactKey:
     diffusers: str
     code: str  # hash of the compiled lipsync code
     preset: str
+    models: str  # fingerprint of the U-Net's and VAE's parameters (names, shapes): architecture
     dtype: str
     compile: str  # regional, full, full-cudagraphs
     fp8: bool
@@ -102,15 +104,34 @@ def code_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def model_fingerprint(*modules: torch.nn.Module) -> str:
+    """What the compiled graphs depend on of the models themselves: every parameter's and
+    buffer's name and shape (a preset's own U-Net or bundle has another architecture under the
+    same preset name). Weights' values do not matter."""
+    h = hashlib.sha256()
+    for module in modules:
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
 def artefact_key(
-    preset: str, device: torch.device, dtype: str, compile: str, fp8: bool, frames: int
+    preset: str,
+    device: torch.device,
+    dtype: str,
+    compile: str,
+    fp8: bool,
+    frames: int,
+    models: str = "",
 ) -> ArtefactKey:
-    """The key of this process's compiled code for these load options."""
+    """The key of this process's compiled code for these load options (``models``: the loaded
+    models' :func:`model_fingerprint`)."""
     return ArtefactKey(
         device=device_description(device), torch=torch.__version__,
         triton=_version("triton") if device.type == "cuda" else "none",
-        diffusers=_version("diffusers"), code=code_hash(), preset=preset, dtype=dtype,
-        compile=compile, fp8=bool(fp8), frames=int(frames),
+        diffusers=_version("diffusers"), code=code_hash(), preset=preset, models=models,
+        dtype=dtype, compile=compile, fp8=bool(fp8), frames=int(frames),
     )  # fmt: skip
 
 

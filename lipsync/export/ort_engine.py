@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -35,6 +34,8 @@ import torch
 from torch import nn
 
 from lipsync.audio import AudioEncoder
+from lipsync.config import OnnxOptions, get_preset
+from lipsync.constants import PROVIDERS, Provider
 from lipsync.diffusion import ChunkDenoiser, DenoiseOptions
 from lipsync.engine import chunk_generator, chunk_noise
 from lipsync.errors import ConfigError
@@ -42,8 +43,7 @@ from lipsync.export.manifest import Manifest
 from lipsync.export.profiles import as_ort_trt, graph_inputs, shape_profile
 from lipsync.models.whisper import WhisperDims
 
-Provider = Literal["auto", "cpu", "cuda", "tensorrt"]
-PROVIDERS: tuple[Provider, ...] = ("auto", "cpu", "cuda", "tensorrt")
+# Provider and PROVIDERS live in lipsync.constants (the CLI names them without onnxruntime)
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
 
@@ -244,6 +244,22 @@ class OrtEngine:
         self.providers = self.unet.session.get_providers()
         self.load_seconds = time.perf_counter() - start
         self._denoiser: tuple[DenoiseOptions, torch.Tensor, ChunkDenoiser] | None = None
+
+    @classmethod
+    def from_options(cls, options: OnnxOptions) -> OrtEngine:
+        """The engine ``options`` describe; ConfigError when ``options.preset`` is not the
+        export's preset (checked on the manifest, before any graph is opened)."""
+        options.validate()
+        if options.preset is not None:
+            wanted = get_preset(options.preset).name
+            exported = Manifest.read(options.onnx_dir).preset
+            if wanted != exported:
+                raise ConfigError(
+                    f"--preset {wanted} does not match the export in {options.onnx_dir}, which "
+                    f"holds {exported}; leave --preset out or export {wanted}: "
+                    f"lipsync export onnx --preset {wanted} DIR"
+                )
+        return cls(options.onnx_dir, options.provider, options.threads)
 
     def lazy_features(self, waveform: np.ndarray):
         return self.audio.lazy_features(waveform)

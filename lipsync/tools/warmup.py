@@ -59,7 +59,7 @@ def warmup(load: LoadOptions, modes: list[Mode], out: str | Path | None = None) 
         plans += precompiled.plan_items(options.plan(), options.cache_branch, frames)
     key = precompiled.artefact_key(
         models.preset.name, models.device, dtype_name(models.dtype), models.compile_mode,
-        models.fp8, frames,
+        models.fp8, frames, models.fingerprint,
     )  # fmt: skip
     folder = Path(out).expanduser() if out else precompiled.compiled_dirs()[-1]
     extra = {

@@ -17,6 +17,8 @@ from lipsync.errors import ConfigError
 from lipsync.models.layers import ResnetBlock3D
 from lipsync.models.transformer import MotionModule, SpatialTransformer
 from lipsync.train.distributed import DistContext
+from lipsync.train.pack import read_pack
+from lipsync.train.pack_windows import PackUNetWindows
 
 # The blocks that gradient checkpointing recomputes and FSDP shards one by one.
 UNET_BLOCKS = (ResnetBlock3D, SpatialTransformer, MotionModule)
@@ -34,13 +36,16 @@ def import_factory(spec: str) -> Callable[..., Any]:
 
 
 def make_dataset(cfg, split: str, seed: int, num_frames: int, audio: AudioEncoder | None):
-    """Training/validation windows: ``cfg.data.factory(cfg, split, seed)``, or the processed
+    """Training/validation windows: ``cfg.data.factory(cfg, split, seed)``, the training pack at
+    ``cfg.data.pack`` (:class:`lipsync.train.pack_windows.PackUNetWindows`), or the processed
     corpus at ``cfg.data.root`` through :class:`lipsync.data.datasets.UNetWindows` (item keys
     of CONTRACT-data.md §3). ``audio`` computes the Whisper windows, cached per segment under
     ``data.feature_cache`` (default ``<root>/cache``; the cache is keyed by the encoder's
     weights, so the official and the seeded encoder never mix)."""
     if cfg.data.factory:
         return import_factory(cfg.data.factory)(cfg, split, seed)
+    if getattr(cfg.data, "pack", None):  # the VAE's data section has no pack
+        return PackUNetWindows(read_pack(cfg.data.pack, (split,)), split, num_frames, audio, seed)
     # lazily: the datasets decode through PyAV, which the GPU image (demo recipe) lacks
     from lipsync.data.datasets import FeatureCache, ProcessedCorpus, UNetWindows
 

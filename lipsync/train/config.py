@@ -108,6 +108,9 @@ class SyncNetSection:
 @dataclass
 class DataSection:
     root: str | None = None  # a processed corpus (``lipsync data process`` output)
+    # or a training pack (``python -m lipsync.train.demo_recipe pack``): what the GPU machines
+    # read without PyAV (lipsync.train.pack_windows); features computed at start, not cached
+    pack: str | None = None
     feature_cache: str | None = None  # Whisper features per segment; default <root>/cache
     train_split: str = "train"
     val_split: str = "val"
@@ -280,8 +283,11 @@ class UNetTrainConfig:
                 "losses.trepa > 0 needs losses.trepa_weights (a VideoMAE v2 checkpoint); set "
                 "losses.trepa: 0 to train without it"
             )
-        if self.data.root is None and self.data.factory is None:
-            raise ConfigError("data.root (a processed corpus) is not set")
+        sources = [k for k in ("root", "pack", "factory") if getattr(self.data, k) is not None]
+        if not sources:
+            raise ConfigError("data.root (a processed corpus) is not set (or data.pack)")
+        if self.data.pack is not None and len(sources) > 1:
+            raise ConfigError(f"data.pack and data.{sources[0]} are both set: choose one")
 
 
 # --------------------------------------------------------------------------- VAE training

@@ -66,6 +66,20 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
+    def gather_float(self, value: float) -> list[float]:
+        """``value`` of every process, in rank order (collective: every rank must call it)."""
+        t = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        t[self.rank] = value
+        return self.all_reduce_sum(t).tolist()
+
+    def peak_memory_gib(self) -> list[float] | None:
+        """Each process's peak CUDA memory allocated by PyTorch (GiB, rank order); None on the
+        CPU. Collective."""
+        if self.device.type != "cuda":
+            return None
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return [round(v, 3) for v in self.gather_float(peak)]
+
     def any(self, flag: bool) -> bool:
         """True on every process if ``flag`` is true on any (keeps ranks in lockstep)."""
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)

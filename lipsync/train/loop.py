@@ -340,7 +340,8 @@ class TrainLoop:
                         rate = self.samples_per_step * len(recent) / max(sum(recent), 1e-9)
                         record = {"step": self.step, "epoch": epoch, "split": "train", **numbers,
                                   "samples_per_s": rate,
-                                  "time_s": round(time.perf_counter() - start, 3)}  # fmt: skip
+                                  "time_s": round(time.perf_counter() - start, 3),
+                                  "unix_s": round(time.time(), 3)}  # fmt: skip
                         self.metrics.write(record)
                         bar.update(self.step, loss=numbers["loss"], lr=numbers["lr"])
                     elif self.dist.is_main:
@@ -372,6 +373,7 @@ class TrainLoop:
             plot_metrics(self.metrics.records(), self.out / "loss.png", self.s.chart_panels,
                          title=self.name)  # fmt: skip
         return {
+            "peak_memory_gib": self.dist.peak_memory_gib(),
             "name": self.name,
             "steps": self.step,
             "steps_this_run": self.step - first_step,

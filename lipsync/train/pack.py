@@ -18,6 +18,11 @@ enough to carry:
 
 :func:`write_pack` (CPU, PyAV) picks the video quality (x264 CRF) that fits ``max_mb``;
 :func:`read_pack` decodes everything into uint8 / float32 arrays.
+
+Several processes reading one pack (``torchrun``: one per GPU, and one launch after another)
+need not decode it each: with ``cache`` (or ``$LIPSYNC_PACK_CACHE``) the decoded frames and
+samples are written once as ``.npy`` files under ``CACHE/<hash of pack.json>/`` (atomically) and
+memory-mapped afterwards, so the processes share one copy in the page cache.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -398,15 +403,72 @@ def _decode_audio(path: Path) -> np.ndarray:
     return wav.reshape(-1)
 
 
+PACK_CACHE_ENV = "LIPSYNC_PACK_CACHE"
+
+
+def _cache_dir(cache: str | os.PathLike | None, meta_bytes: bytes) -> Path | None:
+    cache = cache if cache is not None else os.environ.get(PACK_CACHE_ENV) or None
+    if cache is None:
+        return None
+    return Path(cache).expanduser() / hashlib.sha256(meta_bytes).hexdigest()[:16]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file and a rename (concurrent writers are safe)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_npy(path: Path, shape: tuple[int, ...], parts: Iterable[np.ndarray]) -> None:
+    """``parts`` (frames, in order) into a new uint8 ``.npy`` of ``shape``, atomically. Parts
+    that do not fill it exactly leave no file (:class:`MediaError`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        pos = 0
+        for part in parts:
+            if pos + len(part) > shape[0] or part.shape[1:] != shape[1:]:
+                raise MediaError(f"{path.name}: decoded frames do not fit {shape}")
+            out[pos : pos + len(part)] = part
+            pos += len(part)
+        if pos != shape[0]:
+            raise MediaError(f"{path.name}: decoded {pos} frames, not {shape[0]}")
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """Memory-mapped copy-on-write: shared page cache, writable without touching the file."""
+    return np.load(path, mmap_mode="c")
+
+
 def read_pack(
-    root: str | os.PathLike, splits: tuple[str, ...] | None = None, threads: int = 8
+    root: str | os.PathLike,
+    splits: tuple[str, ...] | None = None,
+    threads: int = 8,
+    cache: str | os.PathLike | None = None,
 ) -> Pack:
-    """Decode a pack (all of it, or ``splits``) into memory."""
+    """Decode a pack (all of it, or ``splits``) into memory; with ``cache`` (default
+    ``$LIPSYNC_PACK_CACHE``), decode once into ``.npy`` files there and memory-map them."""
     root = Path(root)
     meta_path = root / "pack.json"
     if not meta_path.is_file():
         raise ConfigError(f"{root} is not a training pack (no pack.json)")
-    meta = json.loads(meta_path.read_text())
+    meta_bytes = meta_path.read_bytes()
+    meta = json.loads(meta_bytes)
+    cache_dir = _cache_dir(cache, meta_bytes)
     if meta.get("format") != PACK_FORMAT:
         raise ConfigError(f"{meta_path}: format {meta.get('format')!r} is not {PACK_FORMAT!r}")
     segments = [PackSegment(**s) for s in meta["segments"]]
@@ -423,14 +485,25 @@ def read_pack(
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for split in wanted:
             n = meta["splits"][split]["frames"]
+            cached = None
+            if cache_dir is not None:
+                cached = (cache_dir / f"frames-{split}.npy", cache_dir / f"audio-{split}.npy")
+            if cached is not None and all(p.is_file() for p in cached):
+                frames[split], audio[split] = _load_npy(cached[0]), _load_npy(cached[1])
+                continue
             files = [root / f"video-{split}-{k}.mp4" for k in range(math.ceil(n / chunk))]
-            parts = list(pool.map(_decode_video, files))
-            frames[split] = np.concatenate(parts)
-            if len(frames[split]) != n:
-                raise MediaError(f"{root}: {split} decodes to {len(frames[split])} frames, not {n}")
             ext = "ogg" if meta["audio"]["codec"] == "opus" else "npz"
             wav = _decode_audio(root / f"audio-{split}.{ext}")
             audio[split] = np.pad(wav, (0, max(0, n * SAMPLES_PER_FRAME - len(wav))))
+            if cached is None:
+                frames[split] = np.concatenate(list(pool.map(_decode_video, files)))
+            else:  # straight into the memory-mapped file: one copy, never all in memory
+                shape = (n, meta["resolution"], meta["resolution"], 3)
+                _write_npy(cached[0], shape, pool.map(_decode_video, files))
+                _save_npy(cached[1], audio[split])
+                frames[split], audio[split] = _load_npy(cached[0]), _load_npy(cached[1])
+            if len(frames[split]) != n:
+                raise MediaError(f"{root}: {split} decodes to {len(frames[split])} frames, not {n}")
     return Pack(root, meta, segments, frames, audio, visemes, phones)
 
 
@@ -466,8 +539,14 @@ class PackSyncPairs(torch.utils.data.Dataset):
                 items += [(k, s) for s in starts]
         if not items:
             raise ConfigError(f"no {split} segment of the pack is long enough for SyncNet pairs")
-        self._items = items
+        self._set_items(items)
         self._mels: dict[int, torch.Tensor] = {}
+
+    def _set_items(self, items: list[tuple[int, int]]) -> None:
+        self._items = items
+        self._starts: dict[int, list[int]] = {}  # per segment, in the order of ``items``
+        for k, s in items:
+            self._starts.setdefault(k, []).append(s)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -476,7 +555,7 @@ class PackSyncPairs(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def shard(self, rank: int, world_size: int) -> PackSyncPairs:
-        self._items = self._items[rank::world_size]
+        self._set_items(self._items[rank::world_size])
         return self
 
     def _mel(self, k: int) -> torch.Tensor:
@@ -495,7 +574,7 @@ class PackSyncPairs(torch.utils.data.Dataset):
         positive = bool(rng.integers(2))
         audio_start = start
         if not positive:
-            far = [s for kk, s in self._items if kk == k and abs(s - start) >= MIN_NEGATIVE_OFFSET]
+            far = [s for s in self._starts[k] if abs(s - start) >= MIN_NEGATIVE_OFFSET]
             audio_start = int(rng.choice(far))
         first = seg.start + start
         frames = self.pack.frames[self.split][first : first + self.num_frames]

@@ -364,6 +364,7 @@ class SyncNetTrainer:
                             "step": step, "epoch": epoch, "loss": loss, "acc": accuracy,
                             "grad_norm": gnorm, "lr": lr, "samples_per_s": rate,
                             "elapsed_s": elapsed_before + now - t0,
+                            "unix_s": round(time.time(), 3),
                         })  # fmt: skip
                         bar.update(step, loss=loss, acc=accuracy, samples_s=rate)
                         acc.zero_()
@@ -399,6 +400,7 @@ class SyncNetTrainer:
                 test = open_syncnet_pairs(cfg.data, cfg.test_split, nf, cfg.seed)
                 test_metrics = self._validate(model, test, "test", step)
 
+        peak_memory = ctx.peak_memory_gib()  # collective: before the main-only part
         summary = {
             "name": cfg.name,
             "steps": step,
@@ -412,6 +414,7 @@ class SyncNetTrainer:
             "val": val_metrics.as_dict() if val_metrics else None,
             "test": test_metrics.as_dict() if test_metrics else None,
             "checkpoint": str(self.ckpts.path(step)),
+            "peak_memory_gib": peak_memory,
         }
         if ctx.is_main:
             meta = {

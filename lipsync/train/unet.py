@@ -471,12 +471,14 @@ def window_audio(root: str | None, item: dict[str, Any], frames: int) -> np.ndar
 
 
 def export_unet(out: Path, config: dict[str, Any], state: dict[str, torch.Tensor], dtype: str,
-                step: int) -> list[str]:  # fmt: skip
-    """``OUT/unet.safetensors`` (self-describing metadata) + ``unet_config.json``: what
-    ``load_own_unet(OUT)`` and ``lipsync run --unet OUT/unet.safetensors`` read."""
+                step: int, resolution: int | None = None) -> list[str]:  # fmt: skip
+    """``OUT/unet.safetensors`` (self-describing metadata: config, step, training resolution)
+    + ``unet_config.json``: what ``load_own_unet(OUT)`` and ``lipsync run --unet
+    OUT/unet.safetensors`` read."""
     for old in out.glob("unet*.safetensors"):
         old.unlink()
-    names = save_weights(state, out, "unet", dtype, unet_file_metadata(config, step=str(step)),
+    extra = {"step": str(step)} | ({"resolution": str(resolution)} if resolution else {})
+    names = save_weights(state, out, "unet", dtype, unet_file_metadata(config, **extra),
                          max_shard_bytes=2**62)  # fmt: skip
     tmp = out / "unet_config.json.part"
     tmp.write_text(json.dumps(config, indent=1) + "\n")
@@ -566,7 +568,8 @@ def _train(cfg, out, dist, show_progress, resume, resume_from):
         weights = dict(state["model"])  # full, on the CPU (gathered under FSDP)
         if "ema" in state and cfg.ema.export:
             weights.update(state["ema"])
-        export_unet(out, config, weights, cfg.checkpoint.weights_dtype, step)
+        export_unet(out, config, weights, cfg.checkpoint.weights_dtype, step,
+                    cfg.model.resolution)  # fmt: skip
 
     loop = TrainLoop(
         name=f"unet-stage{cfg.stage}",

@@ -32,7 +32,7 @@ From the events we build a tiling of the whole waveform:
 Resampling: eSpeak writes 22050 Hz int16. :func:`resample` converts to 16 kHz float32 with
 libswresample (PyAV's ``AudioResampler``, the resampler ``lipsync.audio.load_audio`` uses at
 inference). It has no delay: an impulse at sample ``s`` of the 22050 Hz signal peaks at
-``s * 16000 / 22050`` (to 0.1 sample, checked by ``tests/test_data_synth.py``), so times in
+``s * 16000 / 22050`` (to 0.1 sample, checked by ``tests/data/test_synth.py``), so times in
 seconds (``sample / 22050``) hold in the new rate unchanged.
 
 Reproducibility: eSpeak NG keeps state between utterances in static variables (the wave

@@ -8,10 +8,11 @@ that it can weight the cells over the lips. :class:`VideoEncoder` is that interf
 
 * :class:`TinyVideoAutoencoder` (``tiny3d``): ours, trained on the synthetic corpus' ground-truth
   mouths (:func:`train_video_autoencoder`): a 3-layer 3D-convolutional encoder of the mouth box
-  (:mod:`lipsync.train.mouth`, 48 × 80 px, 16 frames) into a 64 × 8 × 6 × 10 grid, and the
-  mirror-image decoder that trains it by reconstruction (L1). Its 3×3×3 kernels see neighbouring
-  frames, so the features change when the mouth flickers. 0.4 M parameters; no pretrained
-  weights involved.
+  (:mod:`lipsync.train.mouth`, 48 × 80 px, 16 frames) into a 64 × 16 × 6 × 10 grid (space
+  downsampled 8×, time kept), and the mirror-image decoder that trains it by reconstruction
+  (L1). Its 3×3×3 kernels see neighbouring frames and time is not subsampled, so the features
+  change when the mouth flickers, even from one frame to the next. 0.47 M parameters (0.17 M in
+  the encoder); no pretrained weights involved.
 * :class:`VideoMaeGrid` (``videomae``): VideoMAE v2 (:class:`lipsync.train.losses.VideoMaeEncoder`,
   the reference's TREPA network) on the whole face at 224 px: its last block's tokens as a
   1408 × 8 × 16 × 16 grid. For users who have ``vit_g_hybrid_pt_1200e_ssv2_ft.pth``.
@@ -76,14 +77,15 @@ class TinyVideoAutoencoder(nn.Module):
         w, c = config.width, config.channels
         self.encoder = nn.Sequential(
             nn.Conv3d(3, w, 3, stride=(1, 2, 2), padding=1), nn.GroupNorm(8, w), nn.SiLU(),
-            nn.Conv3d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.Conv3d(w, 2 * w, 3, stride=(1, 2, 2), padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
             nn.Conv3d(2 * w, c, 3, stride=(1, 2, 2), padding=1),
         )  # fmt: skip
         self.decoder = nn.Sequential(
             nn.SiLU(),
             nn.ConvTranspose3d(c, 2 * w, (3, 4, 4), stride=(1, 2, 2), padding=1),
             nn.GroupNorm(8, 2 * w), nn.SiLU(),
-            nn.ConvTranspose3d(2 * w, w, 4, stride=2, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
+            nn.ConvTranspose3d(2 * w, w, (3, 4, 4), stride=(1, 2, 2), padding=1),
+            nn.GroupNorm(8, w), nn.SiLU(),
             nn.ConvTranspose3d(w, 3, (3, 4, 4), stride=(1, 2, 2), padding=1),
         )  # fmt: skip
 
@@ -92,7 +94,7 @@ class TinyVideoAutoencoder(nn.Module):
         return mouth_crops(video).transpose(1, 2)
 
     def features(self, video: torch.Tensor) -> torch.Tensor:
-        # video: (B, F, 3, R, R) in [-1, 1] -> (B, channels, F/2, 6, 10)
+        # video: (B, F, 3, R, R) in [-1, 1] -> (B, channels, F, 6, 10)
         return self.encoder(self.clips(video))
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:

@@ -79,8 +79,16 @@ def test_forced_alignment_recovers_the_phone_times(acoustic_model):
     ):
         assert abs(start - want_start) <= 0.02 and abs(end - want_end) <= 0.02
     frames = aligner.frame_phones(Utterance(frames=30, wav=wav, transcript="AA M IY"))
-    want = phones_from_spans([("SIL", 0, 0.2), ("AA", 0.2, 0.52), ("M", 0.52, 0.72),
-                              ("IY", 0.72, 1.0), ("SIL", 1.0, 1.2)], 30)  # fmt: skip
+    want = phones_from_spans(
+        [
+            ("SIL", 0, 0.2),
+            ("AA", 0.2, 0.52),
+            ("M", 0.52, 0.72),
+            ("IY", 0.72, 1.0),
+            ("SIL", 1.0, 1.2),
+        ],
+        30,
+    )
     assert (frames == want).mean() >= 0.9
     assert frames[7] == PHONES.index("AA") and frames[26] == PHONES.index("SIL")
 
@@ -124,8 +132,11 @@ def test_corpus_aligner_reads_a_pack_split():
         root=None,
         meta={"phone_inventory": inventory},
         segments=[PackSegment("a", "train", 4, 0), PackSegment("b", "train", 3, 4)],
-        frames={}, audio={}, visemes={}, phones={"train": phones},
-    )  # fmt: skip
+        frames={},
+        audio={},
+        visemes={},
+        phones={"train": phones},
+    )
     aligner = CorpusPhoneAligner.from_pack(pack, "train")
     ids = [PHONES.index(p) for p in inventory]
     assert aligner.frame_phones(Utterance(4, "a")).tolist() == [ids[0], ids[1], ids[2], ids[2]]

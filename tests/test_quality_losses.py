@@ -36,8 +36,17 @@ from lipsync.train.video_encoder import (
     train_video_autoencoder,
 )
 
-TINY_MAE = {"embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_hidden": 64, "patch_size": 16,
-            "tubelet_size": 2, "image_size": 32, "num_frames": 4, "num_classes": 3}  # fmt: skip
+TINY_MAE = {
+    "embed_dim": 32,
+    "depth": 1,
+    "num_heads": 2,
+    "mlp_hidden": 64,
+    "patch_size": 16,
+    "tubelet_size": 2,
+    "image_size": 32,
+    "num_frames": 4,
+    "num_classes": 3,
+}
 
 
 def test_ctc_targets_collapse_repeats_and_skip_unknown_frames():
@@ -93,8 +102,9 @@ def test_tiny_video_autoencoder_trains_and_round_trips(tmp_path):
     def sample(step):
         return toy_faces(4, 8, seed=step)[0]
 
-    model, losses = train_video_autoencoder(sample, 30, TinyVideoConfig(width=8, channels=16),
-                                            lr=3e-3)  # fmt: skip
+    model, losses = train_video_autoencoder(
+        sample, 30, TinyVideoConfig(width=8, channels=16), lr=3e-3
+    )
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
     feats = model.features(sample(0))
     assert feats.shape == (4, 16, 8, 6, 10)
@@ -185,17 +195,22 @@ def test_stage2_trains_with_the_three_options(tmp_path, monkeypatch):
     TinyVideoAutoencoder(TinyVideoConfig(width=8, channels=16)).save(encoder)
     syncnet = write_tiny_syncnet(tmp_path / "syncnet.safetensors")
     out = tmp_path / "stage2"
-    cfg = load_unet_config(unet_config_dict(
-        out, stage=2,
-        init={"source": "own", "path": str(stage1), "allow_missing": ["motion_modules."]},
-        syncnet={"path": str(syncnet)},
-        data={"factory": "quality_fixtures:phoned_toy_windows"},
-        losses={"recon": 1.0, "sync": 0.1, "pixel_space": True},
-        train={"max_steps": 2},
-        quality={"phone_ctc": {"weight": 0.1, "head_width": 8, "units": "viseme"},
-                 "mouth_trepa": {"weight": 1.0, "encoder_path": str(encoder)},
-                 "dynamic_conditioning": {"enabled": True, "hidden": 8}},
-    ))  # fmt: skip
+    cfg = load_unet_config(
+        unet_config_dict(
+            out,
+            stage=2,
+            init={"source": "own", "path": str(stage1), "allow_missing": ["motion_modules."]},
+            syncnet={"path": str(syncnet)},
+            data={"factory": "quality_fixtures:phoned_toy_windows"},
+            losses={"recon": 1.0, "sync": 0.1, "pixel_space": True},
+            train={"max_steps": 2},
+            quality={
+                "phone_ctc": {"weight": 0.1, "head_width": 8, "units": "viseme"},
+                "mouth_trepa": {"weight": 1.0, "encoder_path": str(encoder)},
+                "dynamic_conditioning": {"enabled": True, "hidden": 8},
+            },
+        )
+    )
     summary = train_unet(cfg, device="cpu", show_progress=False)
     assert summary["steps"] == 2 and summary["init"]["missing_allowed"] > 0
     rec = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]

@@ -189,8 +189,9 @@ class AcousticModelSpec:
     def read(cls, path: Path) -> AcousticModelSpec:
         try:
             raw = json.loads(path.read_text())
-            spec = cls(tuple(raw["labels"]), int(raw["blank"]), int(raw["stride"]),
-                       raw.get("label_map"))  # fmt: skip
+            spec = cls(
+                tuple(raw["labels"]), int(raw["blank"]), int(raw["stride"]), raw.get("label_map")
+            )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(
                 f"cannot read the acoustic model's sidecar {path}: {e} (needs labels, blank, "

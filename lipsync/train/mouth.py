@@ -21,8 +21,12 @@ MOUTH_SIZE = (48, 80)  # (h, w) the box is resized to
 def mouth_box(resolution: int) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) pixel bounds (end-exclusive) of the mouth box."""
     t, b, left, right = MOUTH_BOX
-    return (round(t * resolution), round(b * resolution), round(left * resolution),
-            round(right * resolution))  # fmt: skip
+    return (
+        round(t * resolution),
+        round(b * resolution),
+        round(left * resolution),
+        round(right * resolution),
+    )
 
 
 def mouth_crops(frames: torch.Tensor, size: tuple[int, int] = MOUTH_SIZE) -> torch.Tensor:

@@ -26,8 +26,9 @@ from lipsync.train.mouth import lip_weight_map
 class MouthWeightedTrepa(nn.Module):
     """The loss above for one encoder and face resolution."""
 
-    def __init__(self, encoder: nn.Module, resolution: int, mouth_weight: float = 4.0,
-                 delta: float = 1.0):  # fmt: skip
+    def __init__(
+        self, encoder: nn.Module, resolution: int, mouth_weight: float = 4.0, delta: float = 1.0
+    ):
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         self.mouth_weight, self.delta = float(mouth_weight), float(delta)

@@ -89,8 +89,9 @@ class MouthCtcHead(nn.Module):
         def down(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
 
-        self.frame = nn.Sequential(*down(3, w), *down(w, 2 * w), *down(2 * w, 4 * w),
-                                   *down(4 * w, 4 * w))  # fmt: skip
+        self.frame = nn.Sequential(
+            *down(3, w), *down(w, 2 * w), *down(2 * w, 4 * w), *down(4 * w, 4 * w)
+        )
         h, wd = (MOUTH_SIZE[0] + 15) // 16, (MOUTH_SIZE[1] + 15) // 16
         self.project = nn.Linear(4 * w * h * wd, 8 * w)
         self.temporal = nn.ModuleList(nn.Conv1d(8 * w, 8 * w, 3, padding=1) for _ in range(2))
@@ -109,9 +110,12 @@ class MouthCtcHead(nn.Module):
     # ---------------------------------------------------------------- files
 
     def save(self, path: str | os.PathLike) -> None:
-        meta = {"format": HEAD_FORMAT,
-                "config": json.dumps({"classes": self.classes, "width": self.width,
-                                      "units": self.units})}  # fmt: skip
+        meta = {
+            "format": HEAD_FORMAT,
+            "config": json.dumps(
+                {"classes": self.classes, "width": self.width, "units": self.units}
+            ),
+        }
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         tmp = f"{path}.part"
         save_file(state, tmp, metadata=meta)
@@ -132,8 +136,9 @@ class MouthCtcHead(nn.Module):
             raise CheckpointError(f"{path} reads {config['units']}s, the config asks for {units}s")
         model = cls(config["classes"], config["width"], config["units"])
         state = load_file(str(path))
-        check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state,
-                         "phone head", path)  # fmt: skip
+        check_state_dict(
+            {k: v.shape for k, v in model.state_dict().items()}, state, "phone head", path
+        )
         model.load_state_dict(state, strict=True)
         return model
 
@@ -164,8 +169,9 @@ class PhoneCtcLoss(nn.Module):
     """The stage-2 term (module docstring): trains its head on ground truth, returns the head's
     CTC loss on the generated mouths (parameters detached) for the U-Net."""
 
-    def __init__(self, head: MouthCtcHead, lr: float = 3e-4,
-                 weighting: TimestepWeighting = "alpha"):  # fmt: skip
+    def __init__(
+        self, head: MouthCtcHead, lr: float = 3e-4, weighting: TimestepWeighting = "alpha"
+    ):
         super().__init__()
         self.head = head
         self.units: CtcUnits = head.units

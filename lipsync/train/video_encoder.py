@@ -76,18 +76,24 @@ class TinyVideoAutoencoder(nn.Module):
         self.config = config
         w, c = config.width, config.channels
         self.encoder = nn.Sequential(
-            nn.Conv3d(3, w, 3, stride=(1, 2, 2), padding=1), nn.GroupNorm(8, w), nn.SiLU(),
-            nn.Conv3d(w, 2 * w, 3, stride=(1, 2, 2), padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.Conv3d(3, w, 3, stride=(1, 2, 2), padding=1),
+            nn.GroupNorm(8, w),
+            nn.SiLU(),
+            nn.Conv3d(w, 2 * w, 3, stride=(1, 2, 2), padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.SiLU(),
             nn.Conv3d(2 * w, c, 3, stride=(1, 2, 2), padding=1),
-        )  # fmt: skip
+        )
         self.decoder = nn.Sequential(
             nn.SiLU(),
             nn.ConvTranspose3d(c, 2 * w, (3, 4, 4), stride=(1, 2, 2), padding=1),
-            nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.GroupNorm(8, 2 * w),
+            nn.SiLU(),
             nn.ConvTranspose3d(2 * w, w, (3, 4, 4), stride=(1, 2, 2), padding=1),
-            nn.GroupNorm(8, w), nn.SiLU(),
+            nn.GroupNorm(8, w),
+            nn.SiLU(),
             nn.ConvTranspose3d(w, 3, (3, 4, 4), stride=(1, 2, 2), padding=1),
-        )  # fmt: skip
+        )
 
     def clips(self, video: torch.Tensor) -> torch.Tensor:
         """(B, F, 3, R, R) faces -> (B, 3, F, h, w) mouth clips."""
@@ -125,8 +131,9 @@ class TinyVideoAutoencoder(nn.Module):
             )
         model = cls(TinyVideoConfig.from_dict(json.loads(meta["config"])))
         state = load_file(str(path))
-        check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state,
-                         "tiny video encoder", path)  # fmt: skip
+        check_state_dict(
+            {k: v.shape for k, v in model.state_dict().items()}, state, "tiny video encoder", path
+        )
         model.load_state_dict(state, strict=True)
         return model
 
@@ -146,8 +153,9 @@ class VideoMaeGrid(nn.Module):
         d = self.encoder.dims
         b, f = video.shape[:2]
         frames = video.reshape(b * f, *video.shape[2:]).float()
-        frames = F.interpolate(frames, size=(d.image_size,) * 2, mode="bicubic",
-                               align_corners=False)  # fmt: skip
+        frames = F.interpolate(
+            frames, size=(d.image_size,) * 2, mode="bicubic", align_corners=False
+        )
         clip = frames.reshape(b, f, 3, d.image_size, d.image_size).transpose(1, 2) / 2 + 0.5
         tokens = self.encoder.forward_tokens(clip.clamp(0, 1))  # (B, N, C)
         t = f // d.tubelet_size

@@ -104,6 +104,7 @@ class ProtocolConfig:
     student_weighting: StudentWeighting = "x0"
     student_dub_share: float = 0.5
     student_max_steps: int = 0  # 0: until train_seconds
+    student_from: str | None = None  # a student bundle distilled before: evaluate it instead
     # evaluation
     eval_segments: int = 10
     eval_frames: int = 96
@@ -139,6 +140,8 @@ class ProtocolConfig:
             raise ConfigError(
                 "a calibrated step budget (steps 0) needs every arm at once (parallel 0)"
             )
+        if self.student_from and not Path(self.student_from, "manifest.json").is_file():
+            raise ConfigError(f"student_from {self.student_from} is not a bundle folder")
         if self.student_steps < 1 or self.eval_steps % self.student_steps:
             raise ConfigError("the student's steps must divide the teacher's (eval_steps)")
 
@@ -170,7 +173,8 @@ class Runner:
         write_json(spec, asdict(job))
         self.paths["logs"].mkdir(parents=True, exist_ok=True)
         logf = open(self.paths["logs"] / f"{job.name}.log", "w")  # noqa: SIM115 - kept open
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LIPSYNC_PROGRESS": "0"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LIPSYNC_PROGRESS": "0",
+               "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # fmt: skip
         if (self.cfg.device or "").startswith("cpu"):
             env.setdefault("OMP_NUM_THREADS", "1")
         proc = subprocess.Popen(

@@ -482,7 +482,7 @@ def train_steps(
             log.append(
                 {
                     "step": step + 1,
-                    "loss": float(loss),
+                    "loss": float(loss.detach()),
                     "grad_norm": float(norm),
                     **{k: float(v) for k, v in parts.items()},
                 }
@@ -624,8 +624,16 @@ def job_reference(cfg, job: Job) -> list[dict[str, Any]]:
 def job_student(cfg, job: Job) -> dict[str, Any]:
     device = device_of(cfg)
     paths = work_paths(Path(cfg.work))
-    train = load_split(cfg, "train", device)
     test = load_split(cfg, "test", device)
+    if cfg.student_from:  # distilled before (demo_recipe --stage student): evaluate only
+        given = load_teacher(cfg.student_from, device)
+        steps = given.manifest["training"]["student"]["steps"]
+        ctx = EvalContext.build(cfg, test, device)
+        metrics = evaluate(given.unet, given.vae, ctx, DenoiseOptions(steps=steps, guidance=1.0))
+        return {"kind": "student", "name": "student", "from": cfg.student_from,
+                "training": given.manifest["training"]["student"], "metrics": metrics,
+                "sampler": {"scheduler": "ddim", "steps": steps, "guidance": 1.0}}  # fmt: skip
+    train = load_split(cfg, "train", device)
     bundle = load_teacher(cfg.teacher, device)
     teacher = bundle.unet.eval().requires_grad_(False)
     student = teacher_unet(bundle).to(device).requires_grad_(True)
@@ -772,15 +780,16 @@ def job_benchmark(cfg, job: Job) -> list[dict[str, Any]]:
             DenoiseOptions(steps=cfg.eval_steps, guidance=cfg.eval_guidance),
         )
     ]
-    student = None
-    if (paths["student"] / "manifest.json").is_file():
-        student = load_teacher(paths["student"], device, dtype)
+    student_dir = Path(cfg.student_from) if cfg.student_from else paths["student"]
+    if (student_dir / "manifest.json").is_file():
+        student = load_teacher(student_dir, device, dtype)
+        steps = student.manifest["training"]["student"]["steps"]
         settings.append(
             (
                 "student",
-                f"student, DDIM {cfg.student_steps} steps, unguided",
+                f"student, DDIM {steps} steps, unguided",
                 student,
-                DenoiseOptions(steps=cfg.student_steps, guidance=1.0),
+                DenoiseOptions(steps=steps, guidance=1.0),
             )
         )
     for label, options in fast_candidates(cfg):
@@ -877,6 +886,10 @@ def write_random_teacher(out: str | os.PathLike, resolution: int, seed: int = 0)
 
 def run_job(cfg, job: Job) -> Any:
     torch.manual_seed(job.seed)
+    if device_of(cfg).type == "cuda":  # as the demo recipe: TF32 for fp32 parts, tuned convs
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     if job.kind in ("lipreader", "ctc_head", "video"):
         return job_judge(cfg, job)
     if job.kind == "arm":

@@ -170,3 +170,23 @@ def test_smoke_settings_are_valid(setup):
     assert replace(cfg, seeds=[0, 0]).seeds == [0, 0]
     with pytest.raises(ConfigError, match="distinct"):
         replace(cfg, seeds=[0, 0]).validate()
+
+
+def test_limit_split_keeps_whole_leading_segments():
+    import numpy as np
+
+    from lipsync.train.pack import Pack, PackSegment, limit_split
+
+    segs = [PackSegment("a", "train", 30, 0), PackSegment("b", "train", 40, 30),
+            PackSegment("c", "train", 50, 70), PackSegment("t", "test", 10, 0)]  # fmt: skip
+    n = 120
+    pack = Pack(None, {}, segs, {"train": np.zeros((n, 2, 2, 3)), "test": np.zeros((10, 2, 2, 3))},
+                {"train": np.zeros(n * 640), "test": np.zeros(6400)},
+                {"train": np.zeros((n, 5)), "test": np.zeros((10, 5))},
+                {"train": np.arange(n), "test": np.zeros(10)})  # fmt: skip
+    cut = limit_split(pack, "train", max_minutes=75 / 1500)  # 75 frames: a and b
+    assert [s.id for s in cut.split_segments("train")] == ["a", "b"]
+    assert len(cut.frames["train"]) == 70 and len(cut.audio["train"]) == 70 * 640
+    assert cut.phones["train"][-1] == 69 and cut.split_segments("test") == segs[3:]
+    assert limit_split(pack, "train", max_segments=1).split_segments("train") == segs[:1]
+    assert limit_split(pack, "train", max_minutes=1.0) is pack

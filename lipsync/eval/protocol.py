@@ -78,7 +78,7 @@ class ProtocolConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     student: bool = True
     # data and training budget (identical for every arm)
-    train_minutes: float = 5.0
+    train_minutes: float = 4.0
     steps: int = 0  # 0: calibrated from train_seconds
     batch: int = 4
     lr: float = 2e-5
@@ -115,8 +115,8 @@ class ProtocolConfig:
     bench_reps: int = 3
     # wall time of the whole call and its phases (seconds)
     total_seconds: float = 510.0
-    train_seconds: float = 230.0
-    bench_seconds: float = 45.0
+    train_seconds: float = 220.0
+    bench_seconds: float = 60.0
     parallel: int = 0  # most jobs at once (0: all of a phase)
 
     def validate(self) -> None:

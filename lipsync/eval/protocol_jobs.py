@@ -311,23 +311,15 @@ def evaluate(unet: nn.Module, vae, ctx: EvalContext, options: DenoiseOptions) ->
 
 
 def evaluate_ground_truth(ctx: EvalContext) -> dict[str, dict[str, float]]:
-    """The ground truth with its own audio (the ceiling) and with the next segment's (the
-    floor: real mouths, wrong audio)."""
+    """The ground truth with its own audio (the ceiling) and with the next segment's audio (the
+    floor: real mouths, wrong audio); each row's numbers under both tasks' keys, so the tables
+    line up."""
     rows = {}
     for name, task in (("ground_truth", "recon"), ("ground_truth_dubbed", "dub")):
         pairs = ctx.pairs(task)
         faces = torch.stack([ctx.faces(i) for i, _ in pairs])
-        m = score(ctx, task, pairs, faces, None)
-        rows[name] = {
-            k.replace(f"{task}.", "dub." if task == "dub" else "recon."): v for k, v in m.items()
-        }
-        # the same numbers under both tasks' keys, so the tables line up
-        rows[name].update(
-            {
-                k.replace(f"{task}.", "dub." if task == "recon" else "recon."): v
-                for k, v in m.items()
-            }
-        )
+        plain = {k.split(".", 1)[1]: v for k, v in score(ctx, task, pairs, faces, None).items()}
+        rows[name] = {f"{t}.{k}": v for t in ("recon", "dub") for k, v in plain.items()}
     return rows
 
 

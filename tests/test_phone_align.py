@@ -16,6 +16,7 @@ from lipsync.data.phone_align import (
     EspeakG2P,
     ForcedPhoneAligner,
     Utterance,
+    annotate_corpus,
     ctc_forced_align,
     phones_from_spans,
 )
@@ -143,3 +144,22 @@ def test_corpus_aligner_reads_a_pack_split():
     assert aligner.frame_phones(Utterance(5, "b")).tolist() == [-1, ids[0], ids[0], -1, -1]
     with pytest.raises(ConfigError, match="no phone labels for segment 'c'"):
         aligner.frame_phones(Utterance(3, "c"))
+
+
+def test_annotating_a_processed_corpus_feeds_the_corpus_aligner(tmp_path, acoustic_model):
+    final = tmp_path / "final"
+    final.mkdir()
+    wavs = {"a": tone_wav([(None, 0.2), ("AA", 0.4), ("M", 0.2), (None, 0.2)]),
+            "b": tone_wav([(None, 0.4)])}  # fmt: skip
+    for seg, text in (("a", "AA M"), ("b", None)):
+        labels = {"text": text} if text else {}
+        (final / f"{seg}.json").write_text(json.dumps(
+            {"id": seg, "frames": 25, "media": f"{seg}.mp4", "labels": labels}))  # fmt: skip
+    aligner = ForcedPhoneAligner(acoustic_model, g2p=str.split)
+    counts = annotate_corpus(tmp_path, aligner, load=lambda p: wavs[p.stem])
+    assert counts == {"annotated": 1, "skipped": 1}
+    rec = json.loads((final / "a.json").read_text())
+    assert [p["label"] for p in rec["labels"]["phones"]] == ["SIL", "AA", "M", "SIL"]
+    frames = CorpusPhoneAligner.from_processed_corpus(tmp_path).frame_phones(Utterance(25, "a"))
+    assert frames[8] == PHONES.index("AA") and frames[16] == PHONES.index("M")
+    assert frames[0] == PHONES.index("SIL")

@@ -20,12 +20,19 @@ asks:
 A video frame ``i`` (25 fps) gets the phone whose span covers its centre ``(i + 0.5) / 25`` s,
 the rule the corpus' labels use. Spans tile the audio: a phone lasts from its first emission to
 the next phone's first emission; frames before the first phone and after the last are ``SIL``.
+
+For real footage, :func:`annotate_corpus` (``python -m lipsync.data.phone_align annotate CORPUS
+--acoustic-model M``) writes the aligned phones into a processed corpus' ``final/*.json``
+(``labels.phones``, the synthetic corpus' layout), from each segment's ``labels.text`` or a
+transcripts file; ``lipsync train unet`` (``quality.phone_ctc``) and
+:meth:`CorpusPhoneAligner.from_processed_corpus` then read them like the corpus' own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +40,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import typer
 
+from lipsync.audio import load_audio
 from lipsync.data.synth.phones import PHONES, normalise_espeak
-from lipsync.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from lipsync.errors import CheckpointError, CheckpointNotFoundError, ConfigError, LipSyncError
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -281,3 +290,77 @@ class ForcedPhoneAligner:
         if not phones:
             return np.full(utterance.frames, SIL, dtype=np.int64)
         return phones_from_spans(self.spans(utterance.wav, phones), utterance.frames)
+
+
+# --------------------------------------------------------------------------- a processed corpus
+
+
+def annotate_corpus(
+    root: str | os.PathLike,
+    aligner: ForcedPhoneAligner,
+    transcripts: Mapping[str, str] | None = None,
+    load: Callable[[Path], np.ndarray] | None = None,
+) -> dict[str, int]:
+    """Write forced-aligned phones into every ``final/<id>.json`` of a processed corpus that has
+    a transcript (``transcripts[id]``, else its ``labels.text``): ``labels.phones`` as
+    ``[{label, start, end}]`` in seconds (atomic rewrite). ``load``: the segment's 16 kHz audio
+    (default :func:`lipsync.audio.load_audio` of its media). Returns counts (annotated, skipped)."""
+    load = load or load_audio
+    counts = {"annotated": 0, "skipped": 0}
+    final = Path(root, "final")
+    if not final.is_dir():
+        raise ConfigError(f"{root} is not a processed corpus (no final/ folder)")
+    for path in sorted(final.glob("*.json")):
+        rec = json.loads(path.read_text())
+        labels = rec.setdefault("labels", {})
+        text = (transcripts or {}).get(rec["id"]) or labels.get("text")
+        if not text:
+            counts["skipped"] += 1
+            continue
+        wav = load(final / rec.get("media", f"{rec['id']}.mp4"))
+        phones = aligner.g2p(text)
+        spans = aligner.spans(wav, phones) if phones else [("SIL", 0.0, len(wav) / SAMPLE_RATE)]
+        labels["phones"] = [{"label": p, "start": round(a, 4), "end": round(b, 4)}
+                            for p, a, b in spans]  # fmt: skip
+        labels["phones_source"] = "forced alignment (lipsync.data.phone_align)"
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, path)
+        counts["annotated"] += 1
+    return counts
+
+
+app = typer.Typer(no_args_is_help=True, help="Per-frame phone labels (module docstring).")
+
+
+@app.callback()
+def _commands() -> None:
+    """Per-frame phone labels for the phone head."""
+
+
+@app.command("annotate")
+def annotate_command(
+    corpus: Path = typer.Argument(..., help="A processed corpus (lipsync data process output)."),
+    acoustic_model: Path = typer.Option(..., help="TorchScript (.pt) or torch.export (.pt2)."),
+    transcripts: Path | None = typer.Option(None, help="JSONL of {id, text} (else labels.text)."),
+    voice: str = typer.Option("en-us", help="eSpeak NG voice of the transcripts' language."),
+) -> None:
+    """Forced-align each segment's transcript and write its phones into final/<id>.json."""
+    texts = None
+    if transcripts is not None:
+        lines = transcripts.read_text().splitlines()
+        texts = {r["id"]: r["text"] for r in (json.loads(x) for x in lines if x.strip())}
+    aligner = ForcedPhoneAligner(acoustic_model, EspeakG2P(voice))
+    typer.echo(json.dumps(annotate_corpus(corpus, aligner, texts)))
+
+
+def main() -> None:
+    try:
+        app()
+    except LipSyncError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -150,7 +150,7 @@ SMOKE = {
     "train_minutes": 0.2, "steps": 2, "batch": 1, "warmup": 1, "gradient_checkpointing": False,
     "judge_seconds": 2.0, "judge_batch": 2, "student_batch": 1, "student_max_steps": 2,
     "eval_segments": 2, "eval_frames": 48, "eval_steps": 2, "student_steps": 1,
-    "eval_batch_chunks": 3, "fast_steps": [2], "bench_reps": 1, "total_seconds": 1200.0,
+    "eval_batch_chunks": 3, "fast_steps": [2], "bench_reps": 1, "total_seconds": 3600.0,
     "train_seconds": 5.0, "bench_seconds": 300.0, "parallel": 2, "seeds": [0, 1],
 }  # fmt: skip
 

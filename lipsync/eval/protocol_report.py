@@ -149,8 +149,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any] | None = None) -> str
     bench = summary.get("benchmark")
     if bench:
         lines.append(
-            "| sampler | U-Net calls / chunk | frames/s (GPU) | dub: sync confidence | "
-            "dub: viseme accuracy | dub: flicker | recon: mouth PSNR |"
+            f"| sampler | U-Net calls / chunk | frames/s ({bench.get('device', '?')}) | "
+            "dub: sync confidence | dub: viseme accuracy | dub: flicker | recon: mouth PSNR |"
         )
         lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for row in bench["rows"]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lipsync.config import LoadOptions, OnnxOptions
-from lipsync.constants import CompileMode, Provider
+from lipsync.constants import CompileOption, Provider
 from lipsync.errors import ConfigError
 from lipsync.loading import dtype_name, load_models
 from lipsync.pipeline import LipSyncPipeline, Progress, RunOptions, RunReport
@@ -57,7 +57,7 @@ class LipSync:
         dtype: str | torch.dtype | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         cpu_threads: int | None = None,
-        compile: CompileMode = "none",
+        compile: CompileOption = "none",
         fp8: bool = False,
         random_weights: bool = False,
         unet: str | os.PathLike | None = None,
@@ -71,11 +71,13 @@ class LipSync:
         the CPU; on the CPU all cores but one, leaving one for the decoder and encoder
         threads). ``compile``: ``none``, ``regional`` or ``full``
         (:func:`lipsync.accel.compile.compile_unet`; pays off on CUDA after minutes of
-        compiling, docs/PERFORMANCE.md). ``fp8``: run the U-Net's big linear layers in FP8
-        (:mod:`lipsync.accel.fp8`; CUDA with compute capability ≥ 8.9 and a bf16/fp16 model,
-        else a ConfigError; approximate). ``unet``: one of our own U-Nets replacing the
-        preset's (:func:`lipsync.own_checkpoints.load_own_unet`; its geometry must fit the
-        preset). ``bundle_dir``: the ``demo`` preset's bundle folder, if not the shipped one.
+        compiling, docs/PERFORMANCE.md), or ``auto`` (compiled only from matching precompiled
+        artefacts, :mod:`lipsync.accel.precompiled`; else eager). ``fp8``: run the U-Net's big
+        linear layers in FP8 (:mod:`lipsync.accel.fp8`; CUDA with compute capability ≥ 8.9 and
+        a bf16/fp16 model, else a ConfigError; approximate). ``unet``: one of our own U-Nets
+        replacing the preset's (:func:`lipsync.own_checkpoints.load_own_unet`; its geometry must
+        fit the preset). ``bundle_dir``: the ``demo`` preset's bundle folder, if not the shipped
+        one.
         """
         options = LoadOptions(
             preset=version, device=None if device is None else str(device),

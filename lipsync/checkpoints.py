@@ -480,15 +480,19 @@ def download(
         (preset.hf_repo, WHISPER_FILE, version_dir(preset, root)),
         *[(VAE_REPO, f, paths["vae"]) for f in VAE_FILES],
     ]
-    for repo, filename, local_dir in jobs:
+    todo = [(repo, f, d) for repo, f, d in jobs if not (d / f).is_file()]
+    if todo and mirror is None:
+        _require_hub(*todo[0][:2])  # offline: one line now, not minutes of retries
+    for repo, filename, local_dir in todo:
         dest = local_dir / filename
-        if dest.is_file():
-            continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         if mirror is not None:
             _copy_from_mirror(Path(mirror) / repo / filename, dest)
         else:
-            _fetch_from_hub(repo, filename, local_dir, progress)
+            try:
+                _fetch_from_hub(repo, filename, local_dir, progress)
+            finally:
+                _remove_idle_locks(local_dir)
     return paths
 
 
@@ -498,6 +502,34 @@ def _copy_from_mirror(src: Path, dest: Path) -> None:
     tmp = dest.with_name(dest.name + ".part")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dest)
+
+
+_RETRY_HINT = (
+    "connect and run: lipsync download, or copy the files from a machine that has them with: "
+    "lipsync download --from DIR"
+)
+
+
+def _require_hub(repo: str, filename: str) -> None:
+    """One request to the Hub (``HF_ENDPOINT``), no retries: CheckpointNotFoundError in one line
+    when offline mode is on or the Hub does not answer. ``huggingface_hub`` itself retries a
+    refused connection five times with back-off (about 30 s of warnings) before giving up."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import get_session
+
+    what = f"cannot download {repo}/{filename}"
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointNotFoundError(
+            f"{what}: offline mode is on (HF_HUB_OFFLINE); unset it and run: lipsync download, "
+            "or copy the files from a machine that has them with: lipsync download --from DIR"
+        )
+    try:  # any HTTP answer (even 401/404) means the Hub is reachable; hf_hub_download decides
+        get_session().head(hf_hub_url(repo, filename), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as exc:  # the HTTP client's connection / timeout / proxy errors
+        raise CheckpointNotFoundError(
+            f"{what}: offline or {constants.ENDPOINT} is unreachable ({one_line(exc)}); "
+            f"{_RETRY_HINT}"
+        ) from None
 
 
 def _fetch_from_hub(repo: str, filename: str, local_dir: Path, progress: bool) -> None:
@@ -511,8 +543,21 @@ def _fetch_from_hub(repo: str, filename: str, local_dir: Path, progress: bool) -
     except LocalEntryNotFoundError as e:
         raise CheckpointNotFoundError(
             f"cannot download {repo}/{filename}: offline or the Hub is unreachable "
-            f"({one_line(e)}); connect and run: lipsync download, or copy the files from a "
-            "machine that has them with: lipsync download --from DIR"
+            f"({one_line(e)}); {_RETRY_HINT}"
         ) from e
     except OSError as e:
         raise CheckpointError(f"download of {repo}/{filename} failed: {one_line(e)}") from e
+
+
+def _remove_idle_locks(local_dir: Path) -> None:
+    """Delete the lock files ``huggingface_hub`` leaves under ``local_dir/.cache`` (it never
+    removes them), except those another process holds right now."""
+    from filelock import FileLock, Timeout
+
+    for path in (local_dir / ".cache" / "huggingface").rglob("*.lock"):
+        lock = FileLock(path, timeout=0)
+        try:
+            with lock:
+                path.unlink(missing_ok=True)
+        except (Timeout, OSError):
+            continue  # in use (a concurrent download) or not ours to delete

@@ -1,21 +1,27 @@
 """The ``lipsync`` command.
 
 Errors a user can act on (:class:`lipsync.errors.LipSyncError`) print one line, ``error: …``, and
-exit non-zero; anything else is a bug and keeps its traceback.
+exit non-zero; anything else is a bug and keeps its traceback. ``lipsync run`` treats SIGTERM
+(``kill``, Kubernetes, process managers) like Ctrl-C: the partial output is removed and the exit
+code is 143. Warnings of the ``lipsync`` loggers print as one ``warning: …`` line each.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lipsync.constants import (
@@ -24,11 +30,12 @@ from lipsync.constants import (
     DEFAULT_MIN_FACE_SIZE,
     DEFAULT_SEED,
     DEFAULT_STEPS,
+    MODE_NAMES,
     EngineName,
     Provider,
 )
 from lipsync.data.cli import data_app
-from lipsync.errors import ConfigError, LipSyncError
+from lipsync.errors import ConfigError, LipSyncError, check_choice
 from lipsync.eval.cli import eval_app
 from lipsync.export.cli import export_app
 from lipsync.serving.cli import serve_app
@@ -40,8 +47,47 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: no <bool> type column on flags
 )
-console = Console(stderr=True)
+# soft_wrap: a line is never broken at the console width (80 columns when piped)
+console = Console(stderr=True, soft_wrap=True)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, a process manager): unwinds like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+class _ConsoleWarnings(logging.Handler):
+    """``lipsync.*`` warnings as ``warning: …`` lines on stderr (each message once)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.show(record.getMessage())
+
+    def show(self, message: str) -> None:
+        if message not in self.seen:
+            self.seen.add(message)
+            console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
+
+
+_warnings = _ConsoleWarnings()
+
+
+def _show_warnings() -> None:
+    """Print the ``lipsync`` loggers' warnings as ``warning:`` lines (the commands a person
+    watches; the job service logs its own way, lipsync.serving.logs)."""
+    logger = logging.getLogger("lipsync")
+    if _warnings not in logger.handlers:
+        logger.addHandler(_warnings)
+
+
 app.add_typer(serve_app, name="serve")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
@@ -76,15 +122,19 @@ class RichProgress:
             transient=False,
         )
         self._tasks: dict[str, int] = {}
+        self._started = False
 
     def __enter__(self):
-        self._bars.start()
-        return self
+        return self  # the bars appear with the first stage: an early error prints no empty line
 
     def __exit__(self, *exc):
-        self._bars.stop()
+        if self._started:
+            self._bars.stop()
 
     def start(self, stage: str, total: int) -> None:
+        if not self._started:
+            self._started = True
+            self._bars.start()
         self._tasks[stage] = self._bars.add_task(stage, total=total, rate="")
 
     def advance(self, stage: str, n: int = 1) -> None:
@@ -113,7 +163,8 @@ CompileOpt = Annotated[
     str,
     typer.Option(
         "--compile",
-        help="torch.compile the U-Net: none, regional, full, full-cudagraphs (CUDA: pays off).",
+        help="torch.compile the U-Net: none, regional, full, full-cudagraphs (CUDA: pays off), "
+        "or auto: compiled from `lipsync warmup`'s artefacts when they match, else eager.",
     ),
 ]
 Fp8 = Annotated[
@@ -150,6 +201,14 @@ GuidanceSteps = Annotated[
     float | None, typer.Option(help="Share of the steps, from the first, with guidance (1: all).")
 ]
 Frames = Annotated[int, typer.Option(help="Frames per chunk.")]
+FrameCacheMb = Annotated[
+    int,
+    typer.Option(
+        "--frame-cache-mb",
+        help="Looped dubs (audio longer than the video): MB of decoded video frames kept for the "
+        "run, so each is decoded once (0: decode again every loop; same output).",
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
@@ -268,12 +327,26 @@ def run(
     cache_branch: CacheBranch = None,
     guidance_steps: GuidanceSteps = None,
     fp8: Fp8 = False,
+    frame_cache_mb: FrameCacheMb = 2048,
     unet: UNetPath = None,
     engine: Engine = "torch",
     onnx_dir: OnnxDir = None,
     provider: ProviderOpt = None,
 ) -> None:
     """Lip-sync VIDEO to AUDIO and write the result to --output."""
+    from lipsync.config import get_preset
+    from lipsync.media.validate import SilentAudioWarning, validate_inputs
+
+    signal.signal(signal.SIGTERM, _raise_terminated)  # like Ctrl-C: no partial output is left
+    _show_warnings()
+    warnings.simplefilter("ignore", SilentAudioWarning)  # logged: one warning: line already
+    # paths, media and the output folder first: seconds before torch and the models are imported
+    if preset is not None:
+        get_preset(preset)
+    validate_inputs(video, audio, output, force=force, load_waveform=False)
+    if mask is not None and not mask.is_file():
+        raise ConfigError(f"mask file not found: {mask}")
+
     from lipsync.api import LipSync
     from lipsync.pipeline import RunOptions
 
@@ -282,6 +355,7 @@ def run(
         force=force, crf=crf, min_face_size=min_face_size, detector=detector, loop_video=loop,
         face_cache=str(face_cache) if face_cache else None, mode=mode, scheduler=scheduler,
         cache_interval=cache_interval, cache_branch=cache_branch, guidance_steps=guidance_steps,
+        frame_cache_mb=frame_cache_mb,
     )  # fmt: skip
     options.validate()
     source = _run_source(
@@ -309,7 +383,7 @@ def _print_summary(report) -> None:
     )
     console.print(f"stages: {stages}", highlight=False)
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        _warnings.show(warning)
 
 
 @app.command("app")
@@ -324,6 +398,7 @@ def web_app(
     """Serve the web UI (Gradio): upload, options, progress, result."""
     from lipsync.app import build_app
 
+    _show_warnings()
     page = build_app(_load(preset, device, dtype, dir))
     console.print(f"lipsync web UI on http://{host}:{port}")
     page.queue().launch(server_name=host, server_port=port, show_error=True, quiet=True)
@@ -357,12 +432,21 @@ def bench(
     face_cache: Annotated[
         Path | None, typer.Option(help="--video: face-track cache folder (lipsync run's).")
     ] = None,
+    dub_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="--video: also time a long dub, the clip looped under its audio repeated to "
+            "this many seconds, against the clip alone."
+        ),
+    ] = None,
+    frame_cache_mb: FrameCacheMb = 2048,
 ) -> None:
     """Time the model stages on synthetic input (per-stage ms/frame, frames/s, TFLOP/s, GPU
     busy share), or with --video/--audio a real clip end to end (one warm-up run, one timed)."""
     from lipsync.pipeline import RunOptions
     from lipsync.tools.bench import bench_model, bench_video
 
+    _show_warnings()
     load = _load(preset, device, dtype, None, compile, fp8, random_weights)
     if (video is None) != (audio is None):
         raise typer.BadParameter("--video and --audio go together")
@@ -370,10 +454,13 @@ def bench(
         mode=mode, steps=steps, guidance=guidance, scheduler=scheduler,
         cache_interval=cache_interval, cache_branch=cache_branch, guidance_steps=guidance_steps,
         chunk_frames=frames, face_cache=str(face_cache) if face_cache else None,
+        frame_cache_mb=frame_cache_mb,
     )  # fmt: skip
     run_options.validate()
+    if dub_seconds is not None and video is None:
+        raise typer.BadParameter("--dub-seconds needs --video and --audio")
     if video is not None:
-        report = bench_video(str(video), str(audio), load, run_options)
+        report = bench_video(str(video), str(audio), load, run_options, dub_seconds=dub_seconds)
     else:
         report = bench_model(load, run_options, chunks, temporal_attention)
     if as_json:
@@ -405,6 +492,7 @@ def profile(
     from lipsync.pipeline import RunOptions
     from lipsync.tools.profile import format_summary, profile_model
 
+    _show_warnings()
     load = _load(preset, device, dtype, None, compile, fp8, random_weights)
     run_options = RunOptions(mode=mode, steps=steps, scheduler=scheduler, chunk_frames=frames)
     run_options.validate()
@@ -413,6 +501,46 @@ def profile(
     typer.echo(format_summary(summary))
     console.print(f"trace: {out / 'trace.json'} (open in chrome://tracing or Perfetto)")
     console.print(f"summary: {out / 'summary.json'}")
+
+
+@app.command()
+def warmup(
+    preset: Preset = "v1.6",
+    mode: Annotated[
+        list[str], typer.Option("--mode", help="Denoising mode(s) to compile for (repeatable).")
+    ] = ["exact", "fast"],  # noqa: B006 - typer reads the default, never mutates it
+    compile: Annotated[
+        str, typer.Option("--compile", help="regional (default), full or full-cudagraphs.")
+    ] = "regional",
+    device: Device = None,
+    dtype: DTypeOpt = None,
+    dir: CheckpointDir = None,
+    random_weights: RandomWeights = False,
+    fp8: Fp8 = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for the artefacts (default $LIPSYNC_HOME/compiled)."),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Compile a preset once and save the result, so later runs with --compile auto (or
+    regional) start at compiled speed (docs/PERFORMANCE.md, "Cold start")."""
+    from lipsync.tools.warmup import warmup as build
+
+    _show_warnings()
+    for name in mode:
+        check_choice("mode", name, MODE_NAMES)
+    load = _load(preset, device, dtype, dir, compile, fp8, random_weights)
+    with console.status(f"compiling {preset} for {', '.join(mode)}"):
+        result = build(load, list(mode), out)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console.print(
+        f"[green]wrote[/green] {result['artefact']} ({result['bytes'] / 2**20:.1f} MiB; "
+        f"compiled in {sum(result['compile_seconds'].values()):.0f} s)",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -433,9 +561,16 @@ def download(
 ) -> None:
     """Fetch the official U-Net, Whisper and VAE checkpoints (resumable)."""
     from lipsync.checkpoints import download as fetch
-    from lipsync.config import get_preset
+    from lipsync.config import PRESETS, get_preset
+    from lipsync.errors import ConfigError
 
-    preset = get_preset(version)
+    versions = [p.name.lstrip("v") for p in PRESETS.values() if p.hf_repo is not None]
+    try:
+        preset = get_preset(version)
+    except ConfigError:
+        preset = None
+    if preset is None or preset.hf_repo is None:  # tiny: random weights; demo: shipped
+        raise ConfigError(f"unknown version {version!r}; choose {' or '.join(versions)}")
     paths = fetch(preset.name, root=dir, mirror=source, progress=True)
     for name, path in paths.items():
         console.print(f"{name:8s} {path}")
@@ -502,6 +637,7 @@ def check(
     """Load a preset's models strictly and run one denoising call on synthetic input."""
     from lipsync.tools.check import check_preset
 
+    _show_warnings()
     report = check_preset(_load(preset, device, dtype, dir))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -521,11 +657,14 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except LipSyncError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted after {time.perf_counter() - start:.1f} s[/yellow]")
         sys.exit(130)
+    except Terminated:
+        console.print(f"[yellow]terminated after {time.perf_counter() - start:.1f} s[/yellow]")
+        sys.exit(143)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # usage errors: click's ClickException / Abort (Typer may vendor

@@ -21,10 +21,10 @@ from typing import Any
 
 from lipsync.constants import (
     CHUNK_FRAMES,
-    COMPILE_MODES,
+    COMPILE_OPTIONS,
     DTYPES,
     PROVIDERS,
-    CompileMode,
+    CompileOption,
     DType,
     Provider,
 )
@@ -160,9 +160,14 @@ class LoadOptions:
     dtype: DType | None = None  # of the U-Net and VAE (Whisper always runs in fp32)
     checkpoint_dir: str | os.PathLike | None = None  # default: cache_dir()
     cpu_threads: int | None = None  # torch threads when the models run on the CPU
-    compile: CompileMode = "none"  # torch.compile the U-Net (and the VAE when not "none")
+    # torch.compile the U-Net (and the VAE when not "none"); "auto": compiled only from matching
+    # precompiled artefacts (lipsync warmup), else eager (one warning when some do not match)
+    compile: CompileOption = "none"
     fp8: bool = False  # FP8 matmuls in the U-Net's big linear layers (CUDA, capability >= 8.9)
     random_weights: bool = False  # the preset's architecture with seeded random weights
+    # precompiled artefacts: looked for here first (default $LIPSYNC_COMPILED_DIR), then in
+    # $LIPSYNC_HOME/compiled
+    compiled_dir: str | os.PathLike | None = None
     # One of our own U-Nets replacing the preset's (lipsync.own_checkpoints.load_own_unet): a
     # bundle folder, a training checkpoint folder, or a .safetensors file with config metadata.
     unet: str | os.PathLike | None = None
@@ -175,7 +180,7 @@ class LoadOptions:
         preset = self.resolve_preset()
         if self.dtype is not None:
             check_choice("dtype", str(self.dtype).lower(), DTYPES)
-        check_choice("compile mode", self.compile, COMPILE_MODES)
+        check_choice("compile mode", self.compile, COMPILE_OPTIONS)
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
         if preset.bundle is not None and self.random_weights:

@@ -32,6 +32,9 @@ DEFAULT_MIN_FACE_SIZE = 64  # pixels, short side of the face box; smaller faces 
 
 DType = Literal["fp32", "fp16", "bf16"]
 CompileMode = Literal["none", "regional", "full", "full-cudagraphs"]
+# what LoadOptions.compile takes: a mode, or "auto" (precompiled artefacts when they match, else
+# eager; lipsync.accel.precompiled)
+CompileOption = Literal["none", "regional", "full", "full-cudagraphs", "auto"]
 Mode = Literal["exact", "fast"]
 SchedulerName = Literal["ddim", "dpm++"]
 DetectorName = Literal["mediapipe"]  # InsightFace: see lipsync.face.detect
@@ -41,9 +44,13 @@ Provider = Literal["auto", "cpu", "cuda", "tensorrt"]  # ONNX Runtime execution 
 
 DTYPES: tuple[DType, ...] = get_args(DType)
 COMPILE_MODES: tuple[CompileMode, ...] = get_args(CompileMode)
+COMPILE_OPTIONS: tuple[CompileOption, ...] = get_args(CompileOption)
 MODE_NAMES: tuple[Mode, ...] = get_args(Mode)
 SCHEDULERS: tuple[SchedulerName, ...] = get_args(SchedulerName)
 DETECTORS: tuple[DetectorName, ...] = get_args(DetectorName)
 TEMPORAL_ATTENTION_KINDS: tuple[TemporalAttentionKind, ...] = get_args(TemporalAttentionKind)
+
+#: output file extension -> libavformat muxer name (what ``lipsync run -o`` may write)
+OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 ENGINES: tuple[EngineName, ...] = get_args(EngineName)
 PROVIDERS: tuple[Provider, ...] = get_args(Provider)

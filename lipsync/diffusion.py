@@ -21,6 +21,10 @@ Fast modes (issue #5; approximate, off by default; ``DenoiseOptions``, presets i
 
 ``exact`` (the default) is the reference computation; ``fast`` = DeepCache every 3rd step on
 branch 0 (the reference's own DeepCache setting) + guidance on the first half of the steps.
+
+Looped dubs (:class:`FaceEncodings`): a short video dubbed with long audio shows each source
+frame once per loop; the VAE encodings of its faces are kept for the run and reused when the
+same face comes back in a chunk of the same length, bit-identical to encoding it again.
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ from lipsync.constants import (
     SchedulerName,
 )
 from lipsync.errors import ConfigError, check_choice
+from lipsync.face.align import levels_to_unit_table
 from lipsync.models.scheduler import make_scheduler
 from lipsync.models.unet import StepCache, UNet3D
 from lipsync.models.vae import Vae
-from lipsync.transfer import to_device
+from lipsync.transfer import device_constant, to_device
 
 MAX_FRAMES = MAX_CHUNK_FRAMES  # the motion modules' position table has 24 entries
 
@@ -135,6 +140,108 @@ def initial_noise(
     return draw.expand(1, 4, num_frames, latent_size, latent_size)
 
 
+FACE_ENCODINGS_BYTES = 1 * 2**30  # device memory a run's FaceEncodings may hold
+FACE_VARIANTS = 4  # encodings kept per (source frame, chunk length): crops a level apart
+
+
+@dataclass
+class FaceProbe:
+    """One chunk's faces as :class:`FaceEncodings` looks them up: their 8-bit levels and a
+    fingerprint of each face (one host read-back per chunk)."""
+
+    keys: list[int]
+    levels: torch.Tensor  # (f, 3, r, r) uint8
+    prints: list[int]
+
+
+class FaceEncodings:
+    """VAE encodings (posterior parameters) of the aligned faces of one run, kept so a looped
+    dub encodes each source frame once per chunk length instead of once per loop.
+
+    Entries are keyed by ``(source frame, frames in the chunk)``: a convolution's result for one
+    image does not depend on the other images of its batch or its place there, but it can depend
+    on the batch's size (measured with PyTorch's CPU kernels: a 10-image batch differs from a
+    16-image one in the last bits), so chunks of different lengths share nothing. An entry is
+    used only if the face is bit-identical to the one it was computed from: ``warp_faces`` cuts
+    all crops of a chunk from windows of one size, so the same frame can come out a level apart
+    in a different chunk; up to :data:`FACE_VARIANTS` such variants are kept per key. A chunk
+    is taken from the store only when all its faces are there; the result is then exactly what
+    encoding it again gives. Faces are compared as their 8-bit levels (what
+    ``crops_to_model_input`` makes; other faces are never stored). At most ``max_bytes`` are
+    held; past that nothing more is stored.
+    """
+
+    def __init__(self, max_bytes: int = FACE_ENCODINGS_BYTES):
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = 0  # chunks whose encodings came from the store
+        self.misses = 0  # chunks encoded (and stored, within the budget)
+        # (source frame, chunk length) -> [(fingerprint, levels, masked, reference), ...]
+        self._entries: dict[tuple[int, int], list[tuple]] = {}
+
+    def probe(self, keys: list[int], faces: torch.Tensor) -> FaceProbe | None:
+        """faces (f, 3, r, r) float in [-1, 1] of source frames ``keys`` -> their probe, or None
+        when they are not exactly 8-bit levels mapped as ``crops_to_model_input`` maps them."""
+        levels = ((faces * 0.5 + 0.5) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+        table = device_constant(("u8_to_unit",), faces.device, levels_to_unit_table)
+        if not torch.equal(table[levels.long()], faces):
+            return None
+        flat = levels.reshape(len(keys), -1)
+        weights = device_constant(
+            ("face_print", flat.shape[1]), faces.device, _print_weights(flat.shape[1])
+        )
+        prints = (flat.to(torch.int64) * weights).sum(1).tolist()
+        return FaceProbe(list(keys), levels, prints)
+
+    def lookup(self, probe: FaceProbe) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (masked, reference) parameters (f, 8, h, w) of the probed chunk, or None unless
+        every face is stored."""
+        f = len(probe.keys)
+        found = []
+        for k, fp in zip(probe.keys, probe.prints, strict=True):
+            entry = next((e for e in self._entries.get((k, f), ()) if e[0] == fp), None)
+            if entry is None:
+                return None
+            found.append(entry)
+        if not torch.equal(torch.stack([e[1] for e in found]), probe.levels):
+            return None  # a fingerprint collision: encode
+        self.hits += 1
+        return torch.stack([e[2] for e in found]), torch.stack([e[3] for e in found])
+
+    def store(self, probe: FaceProbe, masked: torch.Tensor, reference: torch.Tensor) -> None:
+        """Keep the parameters (f, 8, h, w) of a chunk just encoded (within the budget)."""
+        self.misses += 1
+        f = len(probe.keys)
+        for i, (k, fp) in enumerate(zip(probe.keys, probe.prints, strict=True)):
+            variants = self._entries.setdefault((k, f), [])
+            if len(variants) >= FACE_VARIANTS or any(e[0] == fp for e in variants):
+                continue
+            entry = (fp, probe.levels[i].clone(), masked[i].clone(), reference[i].clone())
+            size = sum(t.numel() * t.element_size() for t in entry[1:])
+            if self.bytes + size > self.max_bytes:
+                return
+            variants.append(entry)
+            self.bytes += size
+
+
+def _print_weights(n: int):
+    """A maker of fixed pseudo-random int64 weights (n,) for face fingerprints."""
+
+    def make() -> torch.Tensor:
+        g = torch.Generator().manual_seed(12345)
+        return torch.randint(1, 2**31 - 1, (n,), generator=g, dtype=torch.int64)
+
+    return make
+
+
+@dataclass
+class FaceReuse:
+    """What a chunk's faces are (their source frames) and the run's store for their encodings."""
+
+    store: FaceEncodings
+    keys: list[int]  # the source frame of each face of the chunk
+
+
 class ChunkDenoiser:
     """Turns aligned faces + audio windows into faces with a regenerated mouth.
 
@@ -177,15 +284,38 @@ class ChunkDenoiser:
         return now
 
     def _encode(
-        self, images: torch.Tensor, generators: list[torch.Generator | None]
-    ) -> torch.Tensor:
-        # images (B, f, 3, r, r) -> latents (B, 4, f, r/8, r/8); one posterior draw per chunk
-        # from that chunk's generator, so a chunk's result does not depend on its batch-mates.
-        z = [
-            self.vae.encode(chunk, generator=g, sample=self.options.sample_posterior)
-            for chunk, g in zip(images, generators, strict=True)
+        self,
+        faces: torch.Tensor,
+        masked: torch.Tensor,
+        generators: list[torch.Generator | None],
+        reuse: list[FaceReuse | None],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """faces and masked faces (B, f, 3, r, r) -> their latents, each (B, 4, f, r/8, r/8).
+
+        One posterior draw per chunk from that chunk's generator (masked faces first), so a
+        chunk's result does not depend on its batch-mates; a chunk whose faces are in its
+        :class:`FaceReuse` store skips the encoder, not the draws."""
+        params = []  # per chunk: (masked, reference) posterior parameters
+        for i in range(len(generators)):
+            r = reuse[i]
+            probe = r.store.probe(r.keys, faces[i]) if r is not None else None
+            found = r.store.lookup(probe) if probe is not None else None
+            if found is None:
+                found = self.vae.moments(masked[i]), self.vae.moments(faces[i])
+                if probe is not None:
+                    r.store.store(probe, *found)
+            params.append(found)
+        sample = self.options.sample_posterior
+        # all masked draws, then all reference draws: the order encoding drew them in
+        latents = [
+            [
+                self.vae.latents(p[part], generator=g, sample=sample)
+                for p, g in zip(params, generators, strict=True)
+            ]
+            for part in (0, 1)
         ]
-        return torch.stack(z).permute(0, 2, 1, 3, 4).to(self.dtype)
+        masked_z, ref_z = (torch.stack(z).permute(0, 2, 1, 3, 4).to(self.dtype) for z in latents)
+        return masked_z, ref_z
 
     @torch.inference_mode()
     def __call__(
@@ -195,6 +325,7 @@ class ChunkDenoiser:
         noise: torch.Tensor,
         generator: torch.Generator | list[torch.Generator | None] | None = None,
         on_step=None,
+        reuse: FaceReuse | list[FaceReuse | None] | None = None,
         *,
         paste: bool = True,
     ) -> torch.Tensor:
@@ -205,6 +336,8 @@ class ChunkDenoiser:
         -> faces shaped like the input, in [-1, 1], with the masked region regenerated
         (``paste=False``: the whole decoded frames, before the kept pixels are pasted back).
         Batching chunks changes nothing but speed: each chunk's math is its own.
+        ``reuse``: per chunk, where its faces' encodings may be kept and found (looped dubs;
+        :class:`FaceEncodings`); changes nothing but speed either.
         """
         single = faces.ndim == 4
         if single:
@@ -220,14 +353,16 @@ class ChunkDenoiser:
         generators = generator if isinstance(generator, list) else [generator] * b
         if len(generators) != b:
             raise ValueError(f"{len(generators)} generators for {b} chunks")
+        reuses = reuse if isinstance(reuse, list) else [reuse] * b
+        if len(reuses) != b or any(r is not None and len(r.keys) != f for r in reuses):
+            raise ValueError(f"reuse must give {f} source frames for each of {b} chunks")
         opts = self.options
         faces = faces.to(self.device, torch.float32)
         keep = self.mask[None, None]  # (1, 1, r, r)
         masked = faces * keep
         clock = self._mark(None, time.perf_counter())
         with record_function("lipsync.vae_encode"):
-            masked_latents = self._encode(masked, generators)
-            ref_latents = self._encode(faces, generators)
+            masked_latents, ref_latents = self._encode(faces, masked, generators, reuses)
         clock = self._mark("vae_encode", clock)
         h = masked_latents.shape[-1]
         mask_latent = F.interpolate(keep, size=(h, h))  # nearest, like the reference

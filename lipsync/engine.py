@@ -16,13 +16,17 @@ other chunks, or on a server.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
+from lipsync.accel.precompiled import plan_items
+from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, FaceReuse, initial_noise
 from lipsync.loading import ModelBundle
+
+log = logging.getLogger(__name__)
 
 _CHUNK_SEED_STRIDE = 1_000_003  # a prime: distinct (seed, chunk) pairs give distinct seeds
 
@@ -64,6 +68,7 @@ class SyncEngine(Protocol):
         seed: int,
         chunk_index: int,
         options: DenoiseOptions,
+        reuse: FaceReuse | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -78,6 +83,7 @@ class LocalEngine:
         self.device = models.device
         self.fp8 = models.fp8
         self._denoiser: tuple[DenoiseOptions, torch.Tensor, ChunkDenoiser] | None = None
+        self._compiled_frames: set[int] = set()  # chunk lengths the compiled models have seen
 
     def lazy_features(self, waveform: np.ndarray):
         return self.models.audio.lazy_features(waveform)
@@ -90,9 +96,47 @@ class LocalEngine:
             cached = self._denoiser = (options, mask, ChunkDenoiser(m.unet, m.vae, mask, options))
         return cached[2]
 
-    def denoise(self, faces, windows, mask, seed, chunk_index, options):
-        """faces (k, 3, r, r) in [-1, 1]; windows (k, 50, 384); mask (r, r) -> (k, 3, r, r)."""
+    def denoise(self, faces, windows, mask, seed, chunk_index, options, reuse=None):
+        """faces (k, 3, r, r) in [-1, 1]; windows (k, 50, 384); mask (r, r) -> (k, 3, r, r).
+        ``reuse``: the faces' source frames and the run's store of their encodings.
+
+        Compiled models never compile in the middle of a run for a chunk shorter than one
+        already run (the last chunk of a video): it runs eagerly (a recompile takes longer than
+        the chunk). With ``compile="auto"`` only what the precompiled artefact covers runs
+        compiled; anything else runs eagerly (one warning per kind of plan)."""
         k = faces.shape[0]
         noise = chunk_noise(seed, k, self.resolution // 8, self.device, self.models.dtype)
         gen = chunk_generator(seed, chunk_index, self.device)
-        return self.denoiser(mask, options)(faces, windows, noise, gen)
+        denoiser = self.denoiser(mask, options)
+        stance = self._stance(k, options)
+        if stance is None:
+            return denoiser(faces, windows, noise, gen, reuse=reuse)
+        with torch.compiler.set_stance(stance):
+            return denoiser(faces, windows, noise, gen, reuse=reuse)
+
+    def _stance(self, k: int, options: DenoiseOptions) -> str | None:
+        """How torch.compile treats this chunk: None (compile/run compiled), or a stance."""
+        m = self.models
+        if not m.compiled:
+            return None
+        art = m.precompiled
+        if m.precompiled_only and art is not None:
+            if k < art.key.frames:
+                return "force_eager"  # a short last chunk: not worth any compiling
+            needed = plan_items(options.plan(), options.cache_branch, k)
+            missing = sorted(set(needed) - set(art.plans))
+            if missing:
+                note = (
+                    f"the precompiled artefacts ({art.path.name}) do not cover "
+                    f"{', '.join(missing)}: those chunks run eagerly (lipsync warmup --mode "
+                    f"... builds them)"
+                )
+                if note not in m.notes:
+                    m.notes.append(note)
+                    log.warning(note)
+                return "force_eager"
+            return None
+        if any(k < seen for seen in self._compiled_frames):
+            return "eager_on_recompile"
+        self._compiled_frames.add(k)
+        return None

@@ -10,8 +10,8 @@ Default policy (a ``None`` option):
 * **device**: ``cuda`` when torch sees a GPU, else ``cpu``. Asking for ``cuda`` without one is
   a :class:`~lipsync.errors.ConfigError`.
 * **dtype** of the U-Net and VAE: ``fp16`` on CUDA (the reference's inference dtype), ``fp32``
-  on the CPU (half precision on a CPU is slow and inexact). The Whisper encoder always runs in
-  fp32.
+  on the CPU (half precision on a CPU is slow and inexact: asking for ``fp16`` there works but
+  warns). The Whisper encoder always runs in fp32.
 * **CPU threads** (models on the CPU): all cores but one, which is left to the decoder and
   encoder threads that run beside the model. A server without media threads (Triton) passes
   ``cpu_threads=os.cpu_count()``.
@@ -28,19 +28,26 @@ from its config alone, that it fits the preset; the preset's official U-Net is t
 compute capability ≥ 8.9 and a bf16/fp16 model, checked before the minutes of loading);
 ``compile`` compiles the U-Net in that mode and the VAE's encoder and decoder regionally
 (:mod:`lipsync.accel.compile`), after the FP8 conversion.
+
+Precompiled artefacts (:mod:`lipsync.accel.precompiled`, built by ``lipsync warmup``): with
+compilation on, a matching artefact is hot-loaded first, so compiling finds its code in the
+caches. ``compile="auto"`` compiles only from a matching artefact (in its compile mode) and runs
+eagerly otherwise, with one warning when artefacts exist but were built for something else.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lipsync.accel import compile as accel_compile
+from lipsync.accel import precompiled
 from lipsync.accel.fp8 import convert_unet_to_fp8, has_fp8, require_fp8_device
 from lipsync.audio import AudioEncoder
 from lipsync.checkpoints import load_unet, load_vae, read_whisper_checkpoint, require_checkpoints
@@ -59,7 +66,17 @@ from lipsync.own_checkpoints import (
     read_manifest,
 )
 
+log = logging.getLogger(__name__)
+
+# fp16 on the CPU computes the right thing (fp16 numerics can be checked there) but slowly:
+# docs/NOTES.md, "fp16 on the CPU"
+CPU_FP16_WARNING = (
+    "fp16 on the CPU is slow (6-9x slower than fp32 in lipsync bench, tiny preset) and less "
+    "exact; use --dtype fp32, the CPU default, unless you are checking fp16 numerics"
+)
+
 __all__ = [
+    "CPU_FP16_WARNING",
     "TORCH_DTYPES",
     "LoadOptions",
     "ModelBundle",
@@ -130,6 +147,13 @@ class ModelBundle:
     dtype: torch.dtype
     load_seconds: float
     options: LoadOptions | None = None  # what it was loaded with
+    compile_mode: CompileMode = "none"  # set by compile_models
+    # the precompiled artefact loaded (None: none), and whether only what it covers may run
+    # compiled (compile="auto": anything else runs eagerly)
+    precompiled: precompiled.Artefact | None = None
+    precompiled_only: bool = False
+    notes: list[str] = field(default_factory=list)  # warnings of the loading, for reports
+    fingerprint: str = ""  # the models' architecture (precompiled.model_fingerprint), as loaded
 
     @property
     def random_weights(self) -> bool:
@@ -139,6 +163,11 @@ class ModelBundle:
     def fp8(self) -> bool:
         """The U-Net's big linear layers run in FP8."""
         return has_fp8(self.unet)
+
+    @property
+    def compiled(self) -> bool:
+        """The U-Net and VAE were handed to ``torch.compile``."""
+        return self.compile_mode != "none"
 
 
 def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> ModelBundle:
@@ -199,10 +228,47 @@ def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> Model
         audio = AudioEncoder(read_whisper_checkpoint(paths["whisper"]), device=device)
     seconds = time.perf_counter() - start
     bundle = ModelBundle(preset, unet, vae, audio, device, dtype, seconds, options)
+    if device.type == "cpu" and dtype == torch.float16:
+        bundle.notes.append(CPU_FP16_WARNING)
+        log.warning(CPU_FP16_WARNING)
     if options.fp8:
         convert_unet_to_fp8(bundle.unet)
-    compile_models(bundle, options.compile)
+    bundle.fingerprint = precompiled.model_fingerprint(bundle.unet, bundle.vae)  # not compiled yet
+    compile_models(bundle, _use_precompiled(bundle, options))
     return bundle
+
+
+def _use_precompiled(bundle: ModelBundle, options: LoadOptions) -> CompileMode:
+    """Load the artefact that matches ``bundle`` (if any); the compile mode to apply."""
+    if options.compile == "none":
+        return "none"
+    auto = options.compile == "auto"
+    key = precompiled.artefact_key(
+        bundle.preset.name, bundle.device, dtype_name(bundle.dtype),
+        "regional" if auto else options.compile, options.fp8, bundle.preset.num_frames,
+        bundle.fingerprint,
+    )  # fmt: skip
+    match, others = precompiled.find(
+        key, precompiled.compiled_dirs(options.compiled_dir), any_compile=auto
+    )
+    if match is not None:
+        try:
+            precompiled.load(match)
+        except ConfigError as exc:
+            match = None
+            others = []
+            bundle.notes.append(f"{exc}; " + ("running eagerly" if auto else "compiling now"))
+            log.warning(bundle.notes[-1])
+    if match is not None:
+        bundle.precompiled = match
+        bundle.precompiled_only = auto
+        return match.key.compile if auto else options.compile
+    if not auto:
+        return options.compile  # compile now (minutes on a GPU; `lipsync warmup` saves them)
+    if others:
+        bundle.notes.append(precompiled.mismatch_message(key, others))
+        log.warning(bundle.notes[-1])
+    return "none"
 
 
 def require_bundle(preset: Preset, override: str | os.PathLike | None = None) -> Path:
@@ -267,5 +333,6 @@ def compile_models(bundle: ModelBundle, mode: CompileMode) -> None:
     VAE's encoder and decoder regionally. Compilation itself happens at the first call."""
     if mode == "none":
         return
+    bundle.compile_mode = mode
     bundle.unet = accel_compile.compile_unet(bundle.unet, mode)
     accel_compile.compile_vae(bundle.vae, "regional")

@@ -14,12 +14,19 @@ Stages (each a function of the previous one's output; data flows one way):
    a usable face are passed through unchanged. Decoding (reader thread), the model (this thread)
    and encoding (writer thread) overlap; memory does not grow with the video's length.
 
-The output is the input audio trimmed to the output's length, muxed with H.264 video, written
+A looped dub (audio longer than the video) visits each source frame once per loop. Within
+``RunOptions.frame_cache_mb`` its decoded frames are kept for the run (decoded once, not once per
+backward pass), and the VAE encodings of its faces are reused (:class:`FaceEncodings`), so a
+long dub costs per frame what the short clip costs; the output is bit-identical either way.
+
+The output's audio is the input audio as it is (its own sample rate and channels; the model
+alone gets it as 16 kHz mono), trimmed to the output's length, muxed with H.264 video, written
 atomically (temp file + rename). Ctrl-C or any error leaves no partial output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from lipsync.accel.precompiled import compile_counters
 from lipsync.audio import frame_windows
 from lipsync.constants import (
     CHUNK_FRAMES,
@@ -44,7 +52,7 @@ from lipsync.constants import (
     Mode,
     SchedulerName,
 )
-from lipsync.diffusion import DenoiseOptions
+from lipsync.diffusion import DenoiseOptions, FaceEncodings, FaceReuse
 from lipsync.engine import LocalEngine, SyncEngine
 from lipsync.errors import AudioError, ConfigError, VideoError, check_choice
 from lipsync.face.align import (
@@ -62,10 +70,11 @@ from lipsync.face.track import FrameStatus, require_faces
 from lipsync.loading import ModelBundle
 from lipsync.media import (
     DEFAULT_MAX_DURATION_S,
+    SourceAudio,
     VideoWriter,
-    audio_samples_for_frames,
     frames_for_audio,
     output_frame_indices,
+    silent_audio_message,
     validate_inputs,
 )
 from lipsync.media.color import rgb_to_yuv420
@@ -105,6 +114,9 @@ class RunOptions:
     max_duration_s: float = DEFAULT_MAX_DURATION_S
     force: bool = False
     face_cache: str | None = None  # folder: reuse each video's face track (lipsync.face.cache)
+    # Looped dubs: MB of decoded source frames kept for the run (0: decode again on every
+    # backward pass and encode each loop's faces again; the output is the same)
+    frame_cache_mb: int = 2048
     # Speed/quality mode (lipsync.diffusion.MODES: exact, fast); the fields below override the
     # mode's setting when not None.
     mode: Mode = "exact"
@@ -129,6 +141,8 @@ class RunOptions:
             )
         if self.min_face_size < 1:
             raise ConfigError(f"min_face_size must be positive, got {self.min_face_size}")
+        if self.frame_cache_mb < 0:
+            raise ConfigError(f"frame_cache_mb must be >= 0, got {self.frame_cache_mb}")
 
 
 @dataclass
@@ -152,6 +166,13 @@ class RunReport:
     mode: str = "exact"
     denoise: dict = field(default_factory=dict)  # the DenoiseOptions the mode and flags imply
     fp8: bool = False  # the U-Net's big linear layers run in FP8
+    # pass 2 in detail: host seconds per part (read_frames, align, model, restore, write; on a
+    # GPU "model" is mostly queueing), source frames decoded, chunks whose face encodings were
+    # reused / computed (looped dubs)
+    details: dict = field(default_factory=dict)
+    # compiled models: the mode, the precompiled artefact used, and the compile work this run
+    # did (graphs captured, FX-graph cache hits / misses; misses are compiled from scratch)
+    compile: dict = field(default_factory=dict)
 
     @property
     def fps(self) -> float:
@@ -246,16 +267,19 @@ class LipSyncPipeline:
         )  # fmt: skip
         report = self._new_report(options)
         report.seconds["validate"] = time.perf_counter() - t
-        if inputs.audio_silent:
-            report.warnings.append("the audio is silent: the mouth will barely move")
+        if inputs.audio_silent:  # the line validate_inputs logged: shown once by the CLI
+            report.warnings.append(silent_audio_message(Path(audio_path), inputs.audio_peak))
         n_video = inputs.video.output_frames(FPS) or 0
         if n_video <= 0:
             raise VideoError(f"cannot count the frames of {inputs.video_path}")
-        frames = FileFrames(inputs.video_path, inputs.video, n_video)
+        frames = FileFrames(
+            inputs.video_path, inputs.video, n_video, keep_bytes=options.frame_cache_mb * 2**20
+        )
 
-        def open_sink(audio_out: np.ndarray) -> VideoWriter:
+        def open_sink() -> VideoWriter:
+            # the original track (rate, channels), not the model's 16 kHz mono copy
             return VideoWriter(
-                inputs.output_path, fps=FPS, audio=audio_out, sample_rate=SAMPLE_RATE,
+                inputs.output_path, fps=FPS, audio=SourceAudio(inputs.audio_path),
                 crf=options.crf, codec=options.codec, overwrite=options.force,
                 preset=self._x264_preset(options),
             )  # fmt: skip
@@ -301,7 +325,7 @@ class LipSyncPipeline:
         if not len(wav):
             raise AudioError("the audio is empty")
         report = self._new_report(options)
-        out = self._run(frames, wav, lambda _: ArraySink(), options, progress, report)
+        out = self._run(frames, wav, ArraySink, options, progress, report)
         return out, report
 
     def _x264_preset(self, options: RunOptions) -> str:
@@ -322,6 +346,7 @@ class LipSyncPipeline:
     def _run(self, frames, wav, open_sink, options, progress, report: RunReport):
         progress = progress or Progress()
         engine = self.engine
+        counters_before = compile_counters() if self.models and self.models.compiled else None
         mask = self._mask(options).to(engine.device)
 
         # audio -> one window per output frame
@@ -349,14 +374,18 @@ class LipSyncPipeline:
 
         # pass 2: denoise, restore, encode
         t = time.perf_counter()
-        audio_out = wav[: audio_samples_for_frames(n_out, FPS, SAMPLE_RATE)]
         denoise_options = options.denoise_options()
+        parts = _Timers()
+        encodings = None
+        if options.frame_cache_mb > 0 and report.looped:  # each source frame comes back
+            frames.plan(source_index)
+            encodings = FaceEncodings()
         progress.start("denoising", n_out)
-        sink = open_sink(audio_out)
+        sink = open_sink()
         try:
             for start in range(0, n_out, options.chunk_frames):
                 idx = source_index[start : start + options.chunk_frames]
-                with record_function("lipsync.read_frames"):
+                with record_function("lipsync.read_frames"), parts("read_frames"):
                     chunk = frames.get(idx)
                 usable = track.usable[idx]
                 on_gpu = engine.device.type == "cuda" and isinstance(sink, VideoWriter)
@@ -365,12 +394,16 @@ class LipSyncPipeline:
                 if usable.any():
                     with record_function("lipsync.audio_windows"):
                         windows = frame_windows(features, FPS, start=start, stop=start + len(idx))
+                    reuse = None
+                    if encodings is not None:
+                        reuse = FaceReuse(encodings, idx[usable].tolist())
                     chunk = self._sync_chunk(
                         chunk, track.matrices[idx], usable, windows, mask, denoise_options,
                         seed=report.seed, chunk_index=start // options.chunk_frames,
+                        reuse=reuse, timers=parts,
                     )  # fmt: skip
                     report.frames_with_face += int(usable.sum())
-                with record_function("lipsync.write_frames"):
+                with record_function("lipsync.write_frames"), parts("write"):
                     if on_gpu:  # colour conversion on the GPU: the CPU encoder only runs x264
                         sink.write(rgb_to_yuv420(chunk))
                     else:
@@ -380,8 +413,8 @@ class LipSyncPipeline:
             progress.finish("denoising")
             report.seconds["denoise"] = time.perf_counter() - t
             t = time.perf_counter()
-            progress.start("encoding", 1)
-            result = sink.close()
+            progress.start("encoding", n_out)  # what the encoder has not finished yet
+            result = sink.close(on_frames=lambda n: progress.advance("encoding", n))
             progress.finish("encoding")
             report.seconds["encode"] = time.perf_counter() - t
         except BaseException:
@@ -389,14 +422,37 @@ class LipSyncPipeline:
             raise
         finally:
             frames.close()
+        report.details = {
+            "pass2_seconds": {k: round(v, 3) for k, v in parts.seconds.items()},
+            "frames_decoded": frames.frames_decoded,
+            "face_encodings": None
+            if encodings is None
+            else {"reused_chunks": encodings.hits, "encoded_chunks": encodings.misses,
+                  "bytes": encodings.bytes},
+        }  # fmt: skip
+        if self.models is not None:
+            report.warnings += [n for n in self.models.notes if n not in report.warnings]
+        if counters_before is not None:
+            now = compile_counters()
+            art = self.models.precompiled
+            report.compile = {
+                "mode": self.models.compile_mode,
+                "precompiled": art.path.name if art else None,
+                **{k: now[k] - counters_before[k] for k in now},
+            }
         statuses = [track.status[i] for i in source_index]
         report.frames_face_too_small = sum(s == FrameStatus.TOO_SMALL for s in statuses)
         report.frames_without_face = n_out - report.frames_with_face
         return result
 
-    def _sync_chunk(self, frames, matrices, usable, windows, mask, options, seed, chunk_index):
+    def _sync_chunk(
+        self, frames, matrices, usable, windows, mask, options, seed, chunk_index, reuse=None,
+        timers=None,
+    ):  # fmt: skip
         """frames (n, H, W, 3) uint8, a numpy array or a tensor on the engine's device -> the
-        same frames (same kind) with the usable faces re-synthesised."""
+        same frames (same kind) with the usable faces re-synthesised. ``reuse``: the usable
+        faces' source frames and the run's store of their encodings (looped dubs)."""
+        timers = timers or _Timers()
         sel = np.flatnonzero(usable)
         mats = matrices[sel]
         dev = self.engine.device
@@ -406,17 +462,17 @@ class LipSyncPipeline:
             src = frames if every else frames[to_device(sel, dev)]
         else:
             src = to_device(frames if every else frames[sel], dev)
-        with record_function("lipsync.align"):
+        with record_function("lipsync.align"), timers("align"):
             crops = warp_faces(src, mats, self.resolution)
             faces = crops_to_model_input(crops, self.resolution)  # (k, 3, r, r) in [-1, 1]
             # Made before the model's work is queued: it reads the mask areas back from the GPU,
             # which waits only for the work queued so far; restore then queues without waiting,
             # and the host reads and aligns the next chunk while the GPU denoises this one.
             paste = paste_mask(mats, src.shape[1:3], crop_size(self.resolution), dev)
-        with record_function("lipsync.denoise"):
+        with record_function("lipsync.denoise"), timers("model"):
             audio = windows if every else windows[sel]
-            synced = self.engine.denoise(faces, audio, mask, seed, chunk_index, options)
-        with record_function("lipsync.restore"):
+            synced = self.engine.denoise(faces, audio, mask, seed, chunk_index, options, reuse)
+        with record_function("lipsync.restore"), timers("restore"):
             restored = restore(src, synced, mats, resolution=self.resolution, mask=paste)
         if on_device:
             if every:
@@ -426,3 +482,18 @@ class LipSyncPipeline:
         out = frames.copy()
         out[sel] = restored.cpu().numpy() if isinstance(restored, torch.Tensor) else restored
         return out
+
+
+class _Timers:
+    """Host seconds per named part: ``with timers("align"): ...`` adds up."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t

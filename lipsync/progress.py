@@ -1,7 +1,8 @@
 """Progress of a run, stage by stage: the hooks the pipeline calls, and one weighted fraction.
 
 The pipeline reports three stages, in order: ``faces`` (pass 1, frames tracked), ``denoising``
-(pass 2, frames synthesised and handed to the encoder) and ``encoding`` (the encoder finishing).
+(pass 2, frames synthesised and handed to the encoder) and ``encoding`` (frames the encoder has
+finished, counted from the end of pass 2: the first update holds those it finished meanwhile).
 A front door shows them its own way: the CLI draws a bar per stage, the web UI and the job
 service one overall fraction (:func:`weighted_fraction`).
 """

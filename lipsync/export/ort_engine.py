@@ -174,14 +174,25 @@ class OrtVae:
         mean, logvar = self.encoder.run(["mean", "logvar"], {"images": _numpy(images)})
         return torch.from_numpy(mean), torch.from_numpy(logvar)
 
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """images (n, 3, r, r) in [-1, 1] -> mean and logvar stacked (n, 8, r/8, r/8), unscaled
+        (:meth:`lipsync.models.vae.Vae.moments`: what a looped dub keeps per face)."""
+        return torch.cat(self.posterior(images), dim=1)
+
+    def latents(
+        self, moments: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+    ) -> torch.Tensor:
+        """:meth:`moments`' (n, 8, h, w) -> scaled latents (n, 4, h, w): a draw or the mean."""
+        mean, logvar = moments.chunk(2, dim=1)
+        return sample_latents(
+            mean, logvar, generator, sample, self.scaling_factor, self.shift_factor
+        )
+
     def encode(
         self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
     ) -> torch.Tensor:
         """images (n, 3, r, r) in [-1, 1] -> scaled latents (n, 4, r/8, r/8)."""
-        mean, logvar = self.posterior(images)
-        return sample_latents(
-            mean, logvar, generator, sample, self.scaling_factor, self.shift_factor
-        )
+        return self.latents(self.moments(images), generator, sample)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """scaled latents (n, 4, h, w) -> images (n, 3, 8h, 8w)."""
@@ -261,9 +272,10 @@ class OrtEngine:
             cached = self._denoiser = (options, mask, denoiser)
         return cached[2]
 
-    def denoise(self, faces, windows, mask, seed, chunk_index, options):
-        """faces (k, 3, r, r) in [-1, 1]; windows (k, 50, 384); mask (r, r) -> (k, 3, r, r)."""
+    def denoise(self, faces, windows, mask, seed, chunk_index, options, reuse=None):
+        """faces (k, 3, r, r) in [-1, 1]; windows (k, 50, 384); mask (r, r) -> (k, 3, r, r).
+        ``reuse``: as :meth:`lipsync.engine.LocalEngine.denoise` (looped dubs)."""
         k = faces.shape[0]
         noise = chunk_noise(seed, k, self.manifest.latent_size, self.device, torch.float32)
         gen = chunk_generator(seed, chunk_index, self.device)
-        return self.denoiser(mask, options)(faces, windows, noise, gen)
+        return self.denoiser(mask, options)(faces, windows, noise, gen, reuse=reuse)

@@ -52,6 +52,7 @@ from lipsync.errors import ConfigError, check_choice
 from lipsync.face.landmarks import bbox_from_landmarks, points3_mediapipe
 from lipsync.face.track import FaceObservation, FaceTrack, FaceTracker, TrackBuilder, TrackReport
 from lipsync.media.color import as_rgb_batch
+from lipsync.runtime import native_stderr_silenced
 
 __all__ = [
     "FaceDetector",
@@ -148,14 +149,16 @@ class MediaPipeDetector(FaceDetector):
         self._mesh = None
         self._face_mesh_cls = _import_face_mesh()
 
-    def _graph(self):
-        if self._mesh is None:
-            self._mesh = self._face_mesh_cls(**self._options)
-        return self._mesh
-
     def _detect_frame(self, frame: np.ndarray) -> list[FaceObservation]:
         height, width = frame.shape[:2]
-        result = self._graph().process(frame)
+        if self._mesh is None:
+            # a new graph logs 4-5 lines from C++ (TensorFlow Lite's delegate, absl warnings)
+            # while it is built and runs its first frame, whatever Python's logging says
+            with native_stderr_silenced():
+                self._mesh = self._face_mesh_cls(**self._options)
+                result = self._mesh.process(frame)
+        else:
+            result = self._mesh.process(frame)
         faces = result.multi_face_landmarks or []
         scale = np.array([width, height], dtype=np.float64)
         out = []

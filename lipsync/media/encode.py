@@ -2,10 +2,12 @@
 
 :class:`VideoWriter` takes batches of RGB uint8 frames, converts them to YUV 4:2:0 (BT.709 by
 default, tagged in the stream), encodes them with ``h264_nvenc`` when it works on this machine
-(``codec="auto"``) or ``libx264`` otherwise, and muxes the given mono float waveform as AAC,
-trimmed to the video's length (``int(num_frames / fps * sample_rate)`` samples, as the reference
-does; a shorter waveform simply ends early). Audio is encoded alongside the video, so nothing
-accumulates in memory whatever the length.
+(``codec="auto"``) or ``libx264`` otherwise, and muxes audio as AAC: a mono float waveform, or
+the original track of a file (:class:`~lipsync.media.audio_track.SourceAudio`: its own sample
+rate and channels, decoded as it goes), trimmed to the video's length
+(``int(num_frames / fps * sample_rate)`` samples, as the reference does; a shorter track simply
+ends early). Audio is encoded alongside the video, so nothing accumulates in memory whatever the
+length.
 
 Encoding runs in its own thread behind a bounded queue: :meth:`VideoWriter.write` returns as soon
 as the batch is queued (and blocks while ``queue_size`` batches are waiting), so decoding,
@@ -13,11 +15,13 @@ processing and encoding overlap. The writer keeps a reference to each written ar
 encoded: do not modify it after ``write`` (pass ``copy=True`` to let the writer copy it).
 
 Atomicity: everything is written to a hidden temporary file in the destination directory
-(``.<name>.<random>.partial.<ext>``) and moved into place with :func:`os.replace` (or
-``os.link`` when ``overwrite=False``, so an existing file is never clobbered) only when
-:meth:`VideoWriter.close` succeeds. On any exception -- including ``KeyboardInterrupt`` inside a
-``with`` block -- or an explicit :meth:`VideoWriter.abort`, the temporary file is deleted and the
-destination is untouched.
+(``.<name>.<host>-<pid>-<random>.partial.<ext>``, :mod:`lipsync.media.partials`) and moved into
+place with :func:`os.replace` (or ``os.link`` when ``overwrite=False``, so an existing file is
+never clobbered) only when :meth:`VideoWriter.close` succeeds. On any exception -- including
+``KeyboardInterrupt`` inside a ``with`` block -- or an explicit :meth:`VideoWriter.abort`, the
+temporary file is deleted and the destination is untouched. A process killed outright (SIGKILL,
+power loss) cannot clean up: the next writer of the same output removes such leftovers
+(:func:`~lipsync.media.partials.remove_stale_partials`).
 
 Reproducibility: the same frames give the same file. libx264's AVX-512 routines are not
 run-to-run deterministic, so on such CPUs the writer limits x264 to its AVX2 code
@@ -32,9 +36,9 @@ import errno
 import logging
 import os
 import queue
-import tempfile
 import threading
 import weakref
+from collections.abc import Callable
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -42,9 +46,11 @@ from typing import Any
 
 import numpy as np
 
-from lipsync.constants import FPS, SAMPLE_RATE
+from lipsync.constants import FPS, OUTPUT_FORMATS, SAMPLE_RATE
 from lipsync.errors import MediaError, OutputPathError, one_line
+from lipsync.media.audio_track import SourceAudio
 from lipsync.media.color import Yuv420Frames, as_rgb_batch
+from lipsync.media.partials import make_partial, remove_stale_partials
 from lipsync.media.probe import has_encoder
 from lipsync.media.timeline import as_fraction, audio_samples_for_frames
 
@@ -58,8 +64,6 @@ __all__ = [
     "write_video",
 ]
 
-#: output file extension -> (libavformat muxer name)
-OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 
 # x264 preset names -> NVENC presets p1 (fastest) .. p7 (slowest)
 _NVENC_PRESETS = {
@@ -182,7 +186,7 @@ class VideoWriter:
         path: str | os.PathLike,
         fps: float | Fraction = FPS,
         size: tuple[int, int] | None = None,
-        audio: np.ndarray | None = None,
+        audio: np.ndarray | SourceAudio | None = None,
         sample_rate: int = SAMPLE_RATE,
         *,
         crf: float = 18,
@@ -223,22 +227,18 @@ class VideoWriter:
         self.threads = int(threads)
         self.video_options = dict(video_options or {})
         self.deterministic = bool(deterministic)
-        self.sample_rate = int(sample_rate)
-        self.audio = _check_audio(audio)
+        if isinstance(audio, SourceAudio):  # the original track, at its own rate and layout
+            self.sample_rate, self.audio = audio.sample_rate, audio
+        else:
+            self.sample_rate, self.audio = int(sample_rate), _check_audio(audio)
         self.size: tuple[int, int] | None = None
         if size is not None:
             self.size = (int(size[0]), int(size[1]))
             if self.size[0] <= 0 or self.size[1] <= 0:
                 raise ValueError(f"invalid frame size {size}")
 
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}", dir=parent
-        )
-        os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, 0o666 & ~umask)
+        remove_stale_partials(self.path)
+        tmp = make_partial(self.path)
         self._tmp: str | None = tmp
         self._finalizer = weakref.finalize(self, _remove, tmp)
 
@@ -313,22 +313,38 @@ class VideoWriter:
             except queue.Full:
                 continue
 
-    def close(self) -> Path:
-        """Finish encoding, mux the audio, and move the file into place. Returns the path."""
+    def close(self, on_frames: Callable[[int], None] | None = None) -> Path:
+        """Finish encoding, mux the audio, and move the file into place. Returns the path.
+
+        ``on_frames(n)``, called in this thread while it waits: ``n`` more frames are encoded
+        (the first call counts those the encoder finished before ``close``)."""
         if self._committed:
             return self.path
         if self._closed:
             raise RuntimeError("VideoWriter was aborted")
+        reported = 0
+
+        def report() -> None:
+            nonlocal reported
+            done = self.frames_encoded
+            if on_frames is not None and done > reported:
+                on_frames(done - reported)
+                reported = done
+
         try:
             if self.frames_written == 0:
                 raise MediaError(f"no frames were written to {self.path}")
             if self._background:
+                report()
                 self._put_control(_CLOSE)
                 assert self._thread is not None
-                self._thread.join()
+                while self._thread.is_alive():
+                    self._thread.join(timeout=0.1)
+                    report()
                 self._thread = None
             else:
                 self._finish()
+            report()
             self._raise_if_failed()
             self._publish()
         except BaseException:
@@ -430,7 +446,7 @@ class VideoWriter:
         self._vstream = vs
         if self.audio is not None:
             aus = container.add_stream("aac", rate=self.sample_rate)
-            aus.layout = "mono"
+            aus.layout = self.audio.layout if isinstance(self.audio, SourceAudio) else "mono"
             aus.bit_rate = self.audio_bitrate
             self._astream = aus
 
@@ -479,11 +495,22 @@ class VideoWriter:
             return
         import av
 
-        upto = min(int(upto), self.audio.shape[0])
-        if upto <= self._audio_fed:
-            return
-        chunk = np.clip(self.audio[self._audio_fed : upto], -1.0, 1.0)
-        frame = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
+        if isinstance(self.audio, SourceAudio):
+            planes = (
+                self.audio.read(int(upto) - self._audio_fed) if upto > self._audio_fed else None
+            )
+            if planes is None or not planes.shape[1]:
+                return
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(planes), format="fltp", layout=self.audio.layout
+            )
+            upto = self._audio_fed + planes.shape[1]
+        else:
+            upto = min(int(upto), self.audio.shape[0])
+            if upto <= self._audio_fed:
+                return
+            chunk = np.clip(self.audio[self._audio_fed : upto], -1.0, 1.0)
+            frame = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
         frame.sample_rate = self.sample_rate
         frame.pts = self._audio_fed
         frame.time_base = Fraction(1, self.sample_rate)
@@ -504,8 +531,12 @@ class VideoWriter:
                 self._container.mux(packet)
         container, self._container = self._container, None
         container.close()
+        if isinstance(self.audio, SourceAudio):
+            self.audio.close()
 
     def _close_container(self, quiet: bool) -> None:
+        if isinstance(self.audio, SourceAudio):
+            self.audio.close()
         container, self._container = self._container, None
         if container is None:
             return

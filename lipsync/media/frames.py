@@ -5,14 +5,22 @@ The lip-sync output visits source frames in one of two orders: straight through 
 not longer than the video) or ping-pong (``0..n-1, n-1..0, 0..``, when the audio is longer).
 :class:`FrameSource` serves both: forward runs come from one streaming decoder; frames needed
 again soon after (the turn of a ping-pong loop) come from a small cache; older frames are decoded
-again in blocks. Memory is the cache (a few hundred MB at most), whatever the video's length.
+again in blocks (from the keyframe before each block: with a long GOP a backward block costs
+the decoding of everything from that keyframe on).
+
+A looped dub (told by :meth:`FrameSource.plan`) revisits every source frame once per loop. When
+all the frames it visits fit in ``keep_bytes`` (2 GiB by default: 240 frames of 1080p take
+1.4 GiB), each is decoded once and kept for the whole run; when they do not, the cache grows to
+``keep_bytes`` and backward runs are decoded in blocks of half of it, so a backward pass costs a
+few forward passes, not one decode from the keyframe per 16 frames. Memory is at most
+``max(keep_bytes, 64 MB)`` of frames, whatever the video's or the audio's length.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +30,7 @@ from lipsync.media.decode import iter_frames
 from lipsync.media.probe import MediaInfo
 
 CACHE_BYTES = 64 * 2**20  # decoded frames kept for reuse (the turn of a ping-pong loop)
+KEEP_BYTES = 2 * 2**30  # decoded frames a looped dub may keep (RunOptions.frame_cache_mb)
 
 
 class FrameSource:
@@ -35,19 +44,44 @@ class FrameSource:
         block: int = 16,
         max_cache_frames: int = 64,
         cache_bytes: int = CACHE_BYTES,
+        keep_bytes: int = KEEP_BYTES,
     ):
         self.path = path
         self.info = info
         self.num_frames = int(num_frames)
-        frame_bytes = max(1, info.width * info.height * 3)
+        self.frame_bytes = max(1, info.width * info.height * 3)
         # at least one block (a backward read must fit), at most 64 frames or ~64 MB
         self.block = max(1, int(block))
-        self.capacity = max(self.block, min(int(max_cache_frames), cache_bytes // frame_bytes))
+        self.capacity = max(self.block, min(int(max_cache_frames), cache_bytes // self.frame_bytes))
+        self.backward_block = self.block  # frames decoded per backward read
+        self.keep_bytes = max(0, int(keep_bytes))
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._reader = None
         self._stream: Iterator | None = None
         self._next = 0  # index the stream yields next
         self.redecoded_blocks = 0
+        self.frames_decoded = 0  # frames converted and cached (each decode of a frame counts)
+
+    def plan(self, indices: np.ndarray) -> None:
+        """The order frames will be asked for (the whole run). A plan that comes back to frames
+        (a looped dub) lets the cache grow to ``keep_bytes``: every frame when they all fit,
+        else as many as fit, with backward runs decoded in blocks of half of them."""
+        idx = np.asarray(indices, dtype=np.int64)
+        distinct = len(np.unique(idx)) if len(idx) else 0
+        if distinct == len(idx):
+            return  # every frame once: streaming needs no more than the small cache
+        fit = self.keep_bytes // self.frame_bytes
+        if fit <= self.capacity:
+            return
+        if distinct <= fit:
+            self.capacity = distinct  # each frame decoded once, kept for the run
+        else:
+            self.capacity = int(fit)
+            self.backward_block = max(self.block, self.capacity // 2)
+
+    @property
+    def cached_bytes(self) -> int:
+        return len(self._cache) * self.frame_bytes
 
     # -- streaming -----------------------------------------------------------------------
 
@@ -72,8 +106,11 @@ class FrameSource:
                 self._next = k + 1
 
     def _load_block(self, index: int) -> None:
-        """Decode the block of ``self.block`` frames ending at ``index`` (a backward run)."""
-        lo = max(0, index - self.block + 1)
+        """Decode the block of ``self.backward_block`` frames ending at ``index`` (a backward
+        run), skipping the frames still cached."""
+        lo = max(0, index - self.backward_block + 1)
+        while lo < index and lo in self._cache:
+            lo += 1
         self.redecoded_blocks += 1
         with iter_frames(
             self.path, fps=FPS, batch=self.block, start=lo, stop=index + 1, info=self.info
@@ -83,6 +120,7 @@ class FrameSource:
                     self._put(k, frame)
 
     def _put(self, k: int, frame: np.ndarray) -> None:
+        self.frames_decoded += 1
         self._cache[k] = np.array(frame, copy=True)
         self._cache.move_to_end(k)
         while len(self._cache) > self.capacity:
@@ -128,8 +166,12 @@ class VideoFrames(Protocol):
     """A video as the pipeline reads it: a sequential pass, then indexed chunks."""
 
     num_frames: int
+    frames_decoded: int  # frames decoded by get() so far (0 for frames held in memory)
 
     def batches(self, stop: int, batch: int = 16) -> Iterator[np.ndarray]: ...
+
+    def plan(self, indices: np.ndarray) -> None:
+        """The order :meth:`get` will be asked for frames (a hint for what to keep)."""
 
     def get(self, indices: np.ndarray) -> np.ndarray: ...
 
@@ -139,22 +181,41 @@ class VideoFrames(Protocol):
 class FileFrames:
     """A video file on the 25 fps timeline (streamed; see :class:`FrameSource`)."""
 
-    def __init__(self, path: str | os.PathLike, info: MediaInfo, num_frames: int):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        info: MediaInfo,
+        num_frames: int,
+        keep_bytes: int = KEEP_BYTES,
+    ):
         self.path, self.info, self.num_frames = path, info, int(num_frames)
+        self.keep_bytes = int(keep_bytes)
         self._source: FrameSource | None = None
+        self._plan: np.ndarray | None = None
+        self.frames_decoded = 0  # by get() (the pass-1 batches() stream not counted)
 
     def batches(self, stop: int, batch: int = 16) -> Iterator[np.ndarray]:
         with iter_frames(self.path, fps=FPS, batch=batch, stop=stop, info=self.info) as reader:
             for item in reader:
                 yield item.frames
 
+    def plan(self, indices: np.ndarray) -> None:
+        self._plan = np.asarray(indices, dtype=np.int64)
+        if self._source is not None:
+            self._source.plan(self._plan)
+
     def get(self, indices: np.ndarray) -> np.ndarray:
         if self._source is None:
-            self._source = FrameSource(self.path, self.info, self.num_frames)
+            self._source = FrameSource(
+                self.path, self.info, self.num_frames, keep_bytes=self.keep_bytes
+            )
+            if self._plan is not None:
+                self._source.plan(self._plan)
         return self._source.get(indices)
 
     def close(self) -> None:
         if self._source is not None:
+            self.frames_decoded += self._source.frames_decoded
             self._source.close()
             self._source = None
 
@@ -165,10 +226,14 @@ class ArrayFrames:
     def __init__(self, frames: np.ndarray):
         self.frames = frames
         self.num_frames = len(frames)
+        self.frames_decoded = 0
 
     def batches(self, stop: int, batch: int = 16) -> Iterator[np.ndarray]:
         for start in range(0, min(stop, self.num_frames), batch):
             yield self.frames[start : min(start + batch, stop)]
+
+    def plan(self, indices: np.ndarray) -> None:
+        pass  # all in memory already
 
     def get(self, indices: np.ndarray) -> np.ndarray:
         return self.frames[np.asarray(indices, dtype=np.int64)]
@@ -186,8 +251,12 @@ class ArraySink:
     def write(self, frames: np.ndarray) -> None:
         self._chunks.append(np.asarray(frames))
 
-    def close(self) -> np.ndarray:
-        return np.concatenate(self._chunks) if self._chunks else np.empty((0, 0, 0, 3), np.uint8)
+    def close(self, on_frames: Callable[[int], None] | None = None) -> np.ndarray:
+        """All frames written, in order (``on_frames(n)``: as :meth:`VideoWriter.close`)."""
+        out = np.concatenate(self._chunks) if self._chunks else np.empty((0, 0, 0, 3), np.uint8)
+        if on_frames is not None and len(out):
+            on_frames(len(out))
+        return out
 
     def abort(self) -> None:
         self._chunks.clear()

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lipsync.constants import OUTPUT_FORMATS
 from lipsync.errors import AudioError, MediaError, OutputPathError, VideoError
-from lipsync.media.encode import OUTPUT_FORMATS
 from lipsync.media.probe import MediaInfo, check_complete, probe
 
 log = logging.getLogger("lipsync.media")
@@ -40,6 +40,7 @@ __all__ = [
     "ValidatedInputs",
     "check_complete",
     "check_output_path",
+    "silent_audio_message",
     "validate_inputs",
 ]
 
@@ -119,10 +120,33 @@ def _check_exists(path: Path, error: type[MediaError], what: str) -> None:
         raise error(f"not a {what} file: {path} is a directory or special file")
 
 
+# audio file extensions -> what FFmpeg's demuxer for them is called (the ones people pass)
+_AUDIO_EXTENSIONS = {
+    ".wav": ("WAV", {"wav", "w64"}),
+    ".mp3": ("MP3", {"mp3"}),
+    ".flac": ("FLAC", {"flac"}),
+    ".m4a": ("M4A", {"mov,mp4,m4a,3gp,3g2,mj2"}),
+    ".aac": ("AAC", {"aac"}),
+    ".ogg": ("Ogg", {"ogg"}),
+    ".opus": ("Opus", {"ogg"}),
+}
+
+
 def _probe_role(path: Path, error: type[MediaError]) -> MediaInfo:
-    info = probe(path, error=error)
+    audio_role = issubclass(error, AudioError)
+    # the audio role needs no video frame decoded: a damaged audio file that FFmpeg takes for
+    # raw video must not be reported as a video decoding error
+    info = probe(path, error=error, decode_first_frame=not audio_role)
     if info.format_name in _REJECTED_FORMATS:
         raise error(f"cannot read {path}: not a media file")
+    if audio_role and not info.has_audio:
+        kind, demuxers = _AUDIO_EXTENSIONS.get(path.suffix.lower(), (None, set()))
+        if kind is not None and info.format_name not in demuxers:
+            seen = f"{info.video_codec} video" if info.has_video else info.format_name
+            raise AudioError(
+                f"{path} is not a readable {kind} file: FFmpeg finds no audio in it (it reads "
+                f"as {seen}); its header is probably damaged"
+            )
     check_complete(path, error)
     return info
 
@@ -201,10 +225,7 @@ def validate_inputs(
         peak = float(np.max(np.abs(waveform))) if waveform.size else 0.0
         silent = peak <= 10.0 ** (silence_db / 20.0)
         if silent:
-            msg = (
-                f"audio in {apath} is silent (peak {_db(peak)} dBFS); the output will show a "
-                "closed mouth"
-            )
+            msg = silent_audio_message(apath, peak)
             log.warning(msg)
             warnings.warn(msg, SilentAudioWarning, stacklevel=2)
     elif adur_hdr is not None and adur_hdr <= 0:
@@ -221,6 +242,11 @@ def validate_inputs(
         audio_peak=peak,
         audio_silent=silent,
     )
+
+
+def silent_audio_message(path: str | os.PathLike, peak: float) -> str:
+    """The warning for silent audio (logged by :func:`validate_inputs`, kept in run reports)."""
+    return f"audio in {path} is silent (peak {_db(peak)} dBFS); the output will show a closed mouth"
 
 
 def _fmt_s(seconds: float) -> str:

@@ -59,8 +59,26 @@ class Vae(nn.Module):
         """images (n, 3, H, W) in [-1, 1] -> latents (n, 4, H/8, W/8), scaled.
 
         ``sample=False`` takes the posterior mean (deterministic); the reference samples.
+        Same as ``latents(moments(images), generator, sample)``.
         """
-        dist = self.autoencoder.encode(images.to(self.dtype)).latent_dist
+        return self.latents(self.moments(images), generator, sample)
+
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """images (n, 3, H, W) in [-1, 1] -> the posterior's parameters (n, 8, H/8, W/8): mean
+        and log-variance, unscaled (what the encoder computes; no randomness)."""
+        return self.autoencoder.encode(images.to(self.dtype)).latent_dist.parameters
+
+    def latents(
+        self,
+        moments: torch.Tensor,
+        generator: torch.Generator | None = None,
+        sample: bool = False,
+    ) -> torch.Tensor:
+        """Posterior parameters (n, 8, h, w) from :meth:`moments` -> latents (n, 4, h, w),
+        scaled: a draw from ``generator`` (``sample``) or the mean."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution(moments)
         z = dist.sample(generator) if sample else dist.mean
         return (z - self.shift_factor) * self.scaling_factor
 

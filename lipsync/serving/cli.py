@@ -65,7 +65,11 @@ def worker(
     device: Annotated[str | None, typer.Option(help="cuda or cpu.")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
     compile: Annotated[
-        str | None, typer.Option(help="torch.compile (runner engine): none, regional, full.")
+        str | None,
+        typer.Option(
+            help="torch.compile (runner engine): none, regional, full, or auto (from matching "
+            "precompiled artefacts of lipsync warmup, else eager)."
+        ),
     ] = None,
     fp8: Annotated[
         bool | None, typer.Option("--fp8", help="FP8 U-Net linear layers (runner engine, CUDA).")
@@ -195,7 +199,13 @@ def triton(
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if any).")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
     dir: Annotated[Path | None, typer.Option("--dir", help="Checkpoint cache folder.")] = None,
-    compile: Annotated[str, typer.Option(help="torch.compile: none, regional, full.")] = "none",
+    compile: Annotated[
+        str,
+        typer.Option(
+            help="torch.compile: none, regional, full, or auto (from matching precompiled "
+            "artefacts of lipsync warmup, else eager)."
+        ),
+    ] = "none",
     fp8: Annotated[bool, typer.Option("--fp8", help="FP8 U-Net linear layers (CUDA).")] = False,
     address: Annotated[str, typer.Option(help="Interface for all endpoints.")] = "0.0.0.0",
     http_port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,

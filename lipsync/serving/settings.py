@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lipsync.config import LoadOptions
-from lipsync.constants import CompileMode
+from lipsync.constants import CompileOption
 from lipsync.errors import ConfigError
 
 ENV_PREFIX = "LIPSYNC_"
@@ -60,7 +60,11 @@ class ServeSettings(BaseModel):
     dtype: str | None = Field(None, description="fp16, bf16 or fp32.")
     checkpoint_dir: str | None = Field(None, description="Checkpoint cache folder.")
     cpu_threads: int | None = Field(None, ge=1, description="Torch threads on the CPU.")
-    compile: CompileMode = Field("none", description="torch.compile the U-Net (runner=engine).")
+    compile: CompileOption = Field(
+        "none",
+        description="torch.compile the U-Net (runner=engine); auto: compiled from matching "
+        "precompiled artefacts (lipsync warmup), else eager.",
+    )
     fp8: bool = Field(False, description="FP8 U-Net linear layers, CUDA (runner=engine).")
     chunk_frames: int = Field(16, ge=1, le=24, description="Frames per model chunk at first try.")
     runner: str = Field(

@@ -1,8 +1,10 @@
-"""The Gradio web UI: it starts, serves its page, and runs a job through its API (tiny preset)."""
+"""The Gradio web UI: it starts, serves its page, runs a job through its API (tiny preset) and
+leaves no temporary folder behind."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,11 +18,18 @@ from tests.support.serving_stack import free_port
 
 
 @pytest.fixture(scope="module")
-def server():
+def app_tmp(tmp_path_factory):
+    """The app's $TMPDIR: its run folders and Gradio's cache live there."""
+    return tmp_path_factory.mktemp("app-tmp")
+
+
+@pytest.fixture(scope="module")
+def server(app_tmp):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lipsync.cli", "app", "--preset", "tiny", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, TMPDIR=str(app_tmp)),
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
@@ -48,10 +57,18 @@ def test_app_serves_its_page(server):
         config = json.loads(r.read())
     labels = {c.get("props", {}).get("label") for c in config["components"]}
     assert {"Video", "Audio", "Model preset", "Denoising steps", "Result"} <= labels
+    # the UI says what tiny is: in the page's text, the preset menu's note and the tiny choice
+    (menu,) = [
+        c["props"] for c in config["components"] if c["props"].get("label") == "Model preset"
+    ]
+    assert "meaningless mouths" in menu["info"]
+    assert any(v == "tiny" and "meaningless mouths" in label for label, v in menu["choices"])
+    texts = [c["props"].get("value") or "" for c in config["components"]]
+    assert any("meaningless mouths" in str(t) for t in texts)
 
 
 @pytest.mark.e2e
-def test_app_runs_a_job(server, tmp_path, small_demo_frames):
+def test_app_runs_a_job(server, app_tmp, tmp_path, small_demo_frames):
     from gradio_client import Client, handle_file
 
     video = make_video(
@@ -69,3 +86,6 @@ def test_app_runs_a_job(server, tmp_path, small_demo_frames):
         n = sum(1 for _ in c.decode(video=0))
     report = json.loads(details)
     assert n == 16 and report["frames"] == 16 and report["seed"] == 7
+    # the run's folder is gone once the result is served (Gradio holds its own copy)
+    assert report["output"].startswith(str(app_tmp))
+    assert not list(app_tmp.glob("lipsync-app-*"))

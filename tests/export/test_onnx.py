@@ -262,6 +262,27 @@ def test_pipeline_on_the_onnx_engine_equals_pytorch_and_keeps_every_frame(models
     assert engine.dtype_name == "float32" and engine.providers == ["CPUExecutionProvider"]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_looped_run_on_the_onnx_engine_reuses_face_encodings(export_dir):
+    """A looped dub on the exported graphs: the faces' VAE encodings come from the run's store
+    on later loops (OrtVae.moments/latents), with the output of a run that encodes every loop."""
+    from dataclasses import replace
+
+    frames = demo_source_frames(8)[:, ::2, ::2].copy()
+    wav = load_audio(MEDIA / "demo1_audio.wav")[: 48 * 640]
+    engine = OrtEngine(export_dir, provider="cpu")
+    options = RunOptions(steps=1, seed=3)
+    reused, report = LipSyncPipeline(engine).run_arrays(frames, wav, options)
+    again, plain = LipSyncPipeline(engine).run_arrays(
+        frames, wav, replace(options, frame_cache_mb=0)
+    )
+    assert report.looped and report.frames == 48
+    assert report.details["face_encodings"]["reused_chunks"] >= 1
+    assert plain.details["face_encodings"] is None
+    assert np.array_equal(reused, again)
+
+
 def test_onnx_engine_refuses_deepcache(export_dir):
     engine = OrtEngine(export_dir, provider="cpu")
     mask = torch.from_numpy(make_mask(128))

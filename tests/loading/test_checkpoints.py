@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from lipsync.checkpoints import (
 )
 from lipsync.config import PRESETS, get_preset
 from lipsync.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from tests.support.fake_hub import fake_hub
+from tests.support.serving_stack import free_port
 from tests.support.shared import REFERENCE
 
 TINY_CFG = json.loads((REFERENCE / "unet_tiny/config.json").read_text())
@@ -217,5 +220,50 @@ def test_cli_download_offline_is_one_clear_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: cannot download ByteDance/LatentSync-1.6/latentsync_unet.pt")
-    assert "lipsync download" in lines[0]
+    assert "HF_HUB_OFFLINE" in lines[0] and "lipsync download" in lines[0]
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "home").exists()  # nothing made, nothing left
+
+
+def cli_download(tmp_path, endpoint, *args):
+    env = dict(os.environ, HF_ENDPOINT=endpoint, LIPSYNC_HOME=str(tmp_path / "home"))
+    env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "lipsync.cli", "download", *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_cli_download_from_an_unreachable_hub_fails_fast(tmp_path):
+    """Nothing listens at the endpoint: one line at once, not huggingface_hub's five retries
+    with back-off (23 s of sleeping and a warning each), and no folder or lock file left."""
+    t = time.perf_counter()
+    proc = cli_download(tmp_path, f"http://127.0.0.1:{free_port()}", "--version", "1.6")
+    seconds = time.perf_counter() - t
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "Retrying" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("error: cannot download ByteDance/LatentSync-1.6/latentsync_unet.pt")
+    assert "unreachable" in lines[0] and "lipsync download --from DIR" in lines[0]
+    assert seconds < 20, seconds  # the retries alone sleep 23 s
+    assert not (tmp_path / "home").exists()
+
+
+def test_cli_download_through_the_hub_client_leaves_no_lock_files(tmp_path):
+    """The real hf_hub_download against a local Hub: files in the cache's layout, and none of
+    the .lock files huggingface_hub leaves behind."""
+    files = {
+        "ByteDance/LatentSync-1.5/latentsync_unet.pt": b"u" * 1000,
+        "ByteDance/LatentSync-1.5/whisper/tiny.pt": b"w" * 10,
+        "stabilityai/sd-vae-ft-mse/config.json": b"{}",
+        "stabilityai/sd-vae-ft-mse/diffusion_pytorch_model.safetensors": b"v" * 50,
+    }
+    with fake_hub(files) as endpoint:
+        proc = cli_download(tmp_path, endpoint, "--version", "1.5")
+    assert proc.returncode == 0, proc.stderr
+    home = tmp_path / "home"
+    assert (home / "v1.5/latentsync_unet.pt").read_bytes() == b"u" * 1000
+    assert (home / "v1.5/whisper/tiny.pt").read_bytes() == b"w" * 10
+    assert (home / "sd-vae-ft-mse/diffusion_pytorch_model.safetensors").read_bytes() == b"v" * 50
+    assert list(home.rglob("*.lock")) == []
+    assert require_checkpoints(get_preset("1.5"), home)["unet"] == home / "v1.5/latentsync_unet.pt"

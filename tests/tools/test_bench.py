@@ -81,10 +81,18 @@ def test_cli_bench_on_a_real_clip_end_to_end(tmp_path, capsys):
     audio = make_audio(tmp_path / "speech.wav", signal=speechlike(0.48, seed=3))
     proc = lipsync_cli("bench", "--preset", "tiny", "--steps", "2", "--frames", "8", "--video",
                    str(video), "--audio", str(audio), "--face-cache", str(tmp_path / "faces"),
-                   "--mode", "fast", "--json")  # fmt: skip
+                   "--mode", "fast", "--dub-seconds", "1.44", "--json")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["frames"] == 12 and report["frames_with_face"] == 12
+    # the long dub: the 12-frame clip looped under its audio repeated to 36 frames
+    dub = report["long_dub"]
+    assert dub["frames"] == 36 and dub["looped"] and dub["video_frames"] == 12
+    assert dub["details"]["frames_decoded"] == 12  # decoded once, kept for the run
+    assert dub["details"]["face_encodings"]["reused_chunks"] >= 1
+    assert report["long_dub_fps_ratio"] == pytest.approx(
+        dub["fps_end_to_end"] / report["fps_end_to_end"], abs=0.01
+    )
     assert report["fps_end_to_end"] == pytest.approx(12 / report["wall_s"], rel=0.02)
     assert report["stage_seconds"]["denoise"] > 0 and report["mode"] == "fast"
     assert report["denoise"]["cache_interval"] == 3

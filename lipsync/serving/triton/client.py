@@ -457,9 +457,10 @@ class TritonEngine:
             )
         return RemoteFeatures(self, waveform)
 
-    def denoise(self, faces, windows, mask, seed, chunk_index, options: DenoiseOptions):
+    def denoise(self, faces, windows, mask, seed, chunk_index, options: DenoiseOptions, reuse=None):
         """faces (k, 3, r, r) in [-1, 1] (8-bit levels, as the pipeline makes them); windows
-        (k, 50, 384); mask (r, r), 1 = keep -> (k, 3, r, r) float32 on ``self.device``."""
+        (k, 50, 384); mask (r, r), 1 = keep -> (k, 3, r, r) float32 on ``self.device``.
+        ``reuse`` is ignored: the server encodes every chunk's faces (it sees no source frames)."""
         options.validate()
         check_chunk(faces, windows, mask, self.resolution, MAX_FRAMES)
         levels = faces_to_levels(faces)

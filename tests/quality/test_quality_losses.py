@@ -201,7 +201,7 @@ def test_stage2_trains_with_the_three_options(tmp_path, monkeypatch):
             stage=2,
             init={"source": "own", "path": str(stage1), "allow_missing": ["motion_modules."]},
             syncnet={"path": str(syncnet)},
-            data={"factory": "quality_fixtures:phoned_toy_windows"},
+            data={"factory": "tests.support.quality_fixtures:phoned_toy_windows"},
             losses={"recon": 1.0, "sync": 0.1, "pixel_space": True},
             train={"max_steps": 2},
             quality={

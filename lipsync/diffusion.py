@@ -326,12 +326,15 @@ class ChunkDenoiser:
         generator: torch.Generator | list[torch.Generator | None] | None = None,
         on_step=None,
         reuse: FaceReuse | list[FaceReuse | None] | None = None,
+        *,
+        paste: bool = True,
     ) -> torch.Tensor:
         """One chunk or a batch of B chunks of equal length f.
 
         faces (f, 3, r, r) or (B, f, 3, r, r) in [-1, 1]; audio (f, 50, 384) or (B, f, 50, 384);
         noise (1 or B, 4, f, r/8, r/8); generator: one, or a list of B (VAE posterior draws)
-        -> faces shaped like the input, in [-1, 1], with the masked region regenerated.
+        -> faces shaped like the input, in [-1, 1], with the masked region regenerated
+        (``paste=False``: the whole decoded frames, before the kept pixels are pasted back).
         Batching chunks changes nothing but speed: each chunk's math is its own.
         ``reuse``: per chunk, where its faces' encodings may be kept and found (looped dubs;
         :class:`FaceEncodings`); changes nothing but speed either.
@@ -412,6 +415,6 @@ class ChunkDenoiser:
         flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, 4, h, h)  # (B·f, 4, h, h)
         with record_function("lipsync.vae_decode"):
             decoded = self.vae.decode(flat).float().reshape(faces.shape)  # (B, f, 3, r, r)
-        out = decoded * (1 - keep) + faces * keep
+        out = decoded * (1 - keep) + faces * keep if paste else decoded
         self._mark("vae_decode", clock)
         return out[0] if single else out

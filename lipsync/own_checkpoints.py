@@ -480,6 +480,20 @@ def write_bundle(
     return folder
 
 
+def bundle_denoise_defaults(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Denoising settings a bundle asks for: a few-step student (``training.student``, written
+    by the distillation, :mod:`lipsync.train.distill`) runs at its own step count, unguided, with
+    its scheduler; other bundles ask for nothing ({}: the run's defaults)."""
+    student = (manifest.get("training") or {}).get("student")
+    if not student:
+        return {}
+    return {
+        "steps": int(student["steps"]),
+        "guidance": float(student.get("guidance", 1.0)),
+        "scheduler": str(student.get("scheduler", "ddim")),
+    }
+
+
 def bundle_size_bytes(path: str | os.PathLike) -> int:
     folder = Path(path)
     manifest = read_manifest(folder)

@@ -17,6 +17,7 @@ from torch import nn
 
 from lipsync.constants import TEMPORAL_ATTENTION_KINDS, TemporalAttentionKind
 from lipsync.errors import check_choice
+from lipsync.models.dyncond import ConditioningGate, DynamicConditioningConfig
 from lipsync.models.layers import Attention, FeedForward, batch_to_frames, frames_to_batch
 
 
@@ -34,9 +35,21 @@ class AudioContext(NamedTuple):
 
 
 class SpatialTransformerBlock(nn.Module):
-    """norm1 → self-attn, norm2 → audio cross-attn (optional), norm3 → feed-forward (residual)."""
+    """norm1 → self-attn, norm2 → audio cross-attn (optional), norm3 → feed-forward (residual).
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None):
+    With ``gate`` (dynamic conditioning, :mod:`lipsync.models.dyncond`; needs the audio layer) the
+    self-attention and cross-attention residuals are scaled by per-frame weights ``cond_gate``
+    computes from the block's input and the frame's audio tokens.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int | None,
+        gate: DynamicConditioningConfig | None = None,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, dim_head)
@@ -47,10 +60,17 @@ class SpatialTransformerBlock(nn.Module):
             self.attn2 = None
         self.ff = FeedForward(dim)
         self.norm3 = nn.LayerNorm(dim)
+        self.cond_gate = (
+            ConditioningGate(dim, context_dim, gate)
+            if gate is not None and gate.enabled and context_dim is not None
+            else None
+        )
 
     def forward(self, x: torch.Tensor, context: AudioContext | None) -> torch.Tensor:
         # x: (b*f, h*w, dim); context.tokens: (b*f - null_rows, 50, context_dim)
         # -> (b*f, h*w, dim)
+        if self.cond_gate is not None:
+            return self._gated(x, context)
         x = x + self.attn1(self.norm1(x))
         if self.attn2 is not None and context is not None:
             n = context.null_rows
@@ -66,6 +86,23 @@ class SpatialTransformerBlock(nn.Module):
                 x = out
         return x + self.ff(self.norm3(x))
 
+    def _gated(self, x: torch.Tensor, context: AudioContext | None) -> torch.Tensor:
+        # as forward, with the residuals weighted: x (b*f, h*w, dim) -> (b*f, h*w, dim)
+        tokens = context.tokens if context is not None else None
+        n = context.null_rows if context is not None else 0
+        w_audio, w_identity = self.cond_gate(x, tokens, n)
+        x = x + w_identity * self.attn1(self.norm1(x))
+        if self.attn2 is not None and context is not None:
+            out = torch.empty_like(x)
+            if n:
+                out[:n] = x[:n] + w_audio[:n] * self.attn2.to_out[0].bias
+            if tokens is not None:
+                out[n:] = x[n:] + w_audio[n:] * self.attn2(self.norm2(x[n:]), tokens)
+            else:
+                out[n:] = x[n:]
+            x = out
+        return x + self.ff(self.norm3(x))
+
 
 class SpatialTransformer(nn.Module):
     """GroupNorm → 1×1 conv in → transformer block(s) → 1×1 conv out, plus the input (per frame)."""
@@ -77,12 +114,13 @@ class SpatialTransformer(nn.Module):
         groups: int,
         context_dim: int | None,
         num_layers: int = 1,
+        gate: DynamicConditioningConfig | None = None,
     ):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
         self.proj_in = nn.Conv2d(channels, channels, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
-            SpatialTransformerBlock(channels, heads, channels // heads, context_dim)
+            SpatialTransformerBlock(channels, heads, channels // heads, context_dim, gate)
             for _ in range(num_layers)
         )
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lipsync.errors import ConfigError
+from lipsync.models.dyncond import DynamicConditioningConfig
 from lipsync.models.layers import (
     Downsample3D,
     InflatedConv3d,
@@ -100,6 +101,10 @@ class UNetConfig:
     motion_module_decoder_only: bool = False
     motion_module_type: str = "Vanilla"
     motion_module_kwargs: MotionModuleConfig = field(default_factory=MotionModuleConfig)
+    # ours, not the reference's (lipsync.models.dyncond); omitted from to_dict() while disabled
+    dynamic_conditioning: DynamicConditioningConfig = field(
+        default_factory=DynamicConditioningConfig
+    )
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> UNetConfig:
@@ -120,6 +125,8 @@ class UNetConfig:
                 value = MotionModuleConfig(
                     **{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
                 )
+            elif key == "dynamic_conditioning":
+                value = DynamicConditioningConfig.from_dict(value)
             elif isinstance(value, list):
                 value = tuple(value)
             values[key] = value
@@ -128,7 +135,12 @@ class UNetConfig:
         return config
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as a dict; ``dynamic_conditioning`` only when enabled, so the configs of
+        models without it stay exactly the reference's."""
+        out = dataclasses.asdict(self)
+        if not self.dynamic_conditioning.enabled:
+            out.pop("dynamic_conditioning")
+        return out
 
     def validate(self) -> None:
         n = len(self.block_out_channels)
@@ -144,6 +156,10 @@ class UNetConfig:
             raise ConfigError(f"unsupported mid block type {self.mid_block_type!r}")
         if self.resnet_time_scale_shift != "default":
             raise ConfigError("only resnet_time_scale_shift='default' is supported")
+        if self.dynamic_conditioning.enabled and not self.add_audio_layer:
+            raise ConfigError(
+                "dynamic_conditioning needs the audio cross-attention (add_audio_layer)"
+            )
         if self.use_motion_module and self.motion_module_type != "Vanilla":
             raise ConfigError(f"unsupported motion module type {self.motion_module_type!r}")
         for ch in self.block_out_channels:
@@ -200,7 +216,11 @@ class UNetBlock(nn.Module):
         self.attentions = (
             nn.ModuleList(
                 SpatialTransformer(
-                    out_channels, config.attention_head_dim, config.norm_num_groups, context_dim
+                    out_channels,
+                    config.attention_head_dim,
+                    config.norm_num_groups,
+                    context_dim,
+                    gate=config.dynamic_conditioning,
                 )
                 for _ in resnet_in
             )
@@ -276,7 +296,15 @@ class MidBlock(nn.Module):
             ResnetBlock3D(channels, channels, temb, groups, eps, scale) for _ in range(2)
         )
         self.attentions = nn.ModuleList(
-            [SpatialTransformer(channels, config.attention_head_dim, groups, context_dim)]
+            [
+                SpatialTransformer(
+                    channels,
+                    config.attention_head_dim,
+                    groups,
+                    context_dim,
+                    gate=config.dynamic_conditioning,
+                )
+            ]
         )
         self.motion_modules = (
             nn.ModuleList([_motion_module(channels, config)])

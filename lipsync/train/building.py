@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lipsync.audio import AudioEncoder
+from lipsync.data.synth.phones import PHONES
 from lipsync.errors import ConfigError
 from lipsync.models.layers import ResnetBlock3D
 from lipsync.models.transformer import MotionModule, SpatialTransformer
@@ -57,8 +58,9 @@ def make_dataset(cfg, split: str, seed: int, num_frames: int, audio: AudioEncode
         cache = getattr(cfg.data, "feature_cache", None) or Path(cfg.data.root) / "cache"
         features = FeatureCache(audio, cache)
     return UNetWindows(
-        corpus, split=split, num_frames=num_frames, audio_features=features, seed=seed
-    )
+        corpus, split=split, num_frames=num_frames, audio_features=features, seed=seed,
+        phones=PHONES,
+    )  # fmt: skip
 
 
 def collate_windows(items: list[dict[str, Any]]) -> dict[str, Any]:

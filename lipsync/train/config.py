@@ -36,6 +36,9 @@ Schedule = Literal["constant", "cosine"]
 Strategy = Literal["ddp", "fsdp"]
 AudioKind = Literal["official", "seeded"]
 VaeKind = Literal["sd", "own", "tiny-random"]
+CtcUnits = Literal["phone", "viseme"]
+TimestepWeighting = Literal["none", "alpha"]
+VideoEncoderKind = Literal["tiny3d", "videomae"]
 
 UNET_SCHEMA = "lipsync.train.unet/1"
 VAE_SCHEMA = "lipsync.train.vae/1"
@@ -211,6 +214,72 @@ class DistributedSection:
 
 
 @dataclass
+class PhoneCtcSection:
+    weight: float = 0.0  # λ_ctc; 0 = off
+    units: CtcUnits = "phone"  # CTC over the 42 phones or the 14 viseme classes
+    head_init: str | None = None  # a pretrained head (MouthCtcHead file); None: random start
+    head_width: int = 32
+    head_lr: float = 3e-4  # the head's own AdamW, on ground-truth mouths
+    timestep_weighting: TimestepWeighting = "alpha"  # per-window weight ᾱ_t, or none
+
+
+@dataclass
+class MouthTrepaSection:
+    weight: float = 0.0  # λ_mtrepa; 0 = off
+    mouth_weight: float = 4.0  # lips' weight relative to the rest of the face (1: uniform)
+    delta: float = 1.0  # weight of the frame-to-frame feature-change term (0: off)
+    encoder: VideoEncoderKind = "tiny3d"
+    encoder_path: str | None = None
+    videomae_config: str | dict[str, Any] = "vit-g"
+
+
+@dataclass
+class DynamicConditioningSection:
+    enabled: bool = False
+    per_region: bool = False
+    hidden: int = 64
+    max_delta: float = 1.0
+
+
+@dataclass
+class QualitySection:
+    """Issue 16's options (:mod:`lipsync.train.quality`), each off by default."""
+
+    phone_ctc: PhoneCtcSection = field(default_factory=PhoneCtcSection)
+    mouth_trepa: MouthTrepaSection = field(default_factory=MouthTrepaSection)
+    dynamic_conditioning: DynamicConditioningSection = field(
+        default_factory=DynamicConditioningSection
+    )
+
+    def validate(self) -> None:
+        if self.phone_ctc.weight < 0 or self.mouth_trepa.weight < 0:
+            raise ConfigError("quality loss weights must be >= 0")
+        if self.phone_ctc.head_lr <= 0:
+            raise ConfigError(
+                f"quality.phone_ctc.head_lr must be > 0, got {self.phone_ctc.head_lr}"
+            )
+        if self.mouth_trepa.mouth_weight < 1:
+            raise ConfigError(
+                "quality.mouth_trepa.mouth_weight must be >= 1, got "
+                f"{self.mouth_trepa.mouth_weight}"
+            )
+        if self.mouth_trepa.weight and not self.mouth_trepa.encoder_path:
+            raise ConfigError(
+                "quality.mouth_trepa.weight > 0 needs quality.mouth_trepa.encoder_path (a tiny3d "
+                "video encoder trained on your corpus, or VideoMAE v2 with encoder: videomae)"
+            )
+
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether a loss of this section reads decoded frames (and ground-truth frames)."""
+        return bool(self.phone_ctc.weight or self.mouth_trepa.weight)
+
+    @property
+    def needs_phones(self) -> bool:
+        return bool(self.phone_ctc.weight)
+
+
+@dataclass
 class UNetTrainConfig:
     stage: Literal[1, 2] = 2
     output_dir: str = "runs/unet"
@@ -228,6 +297,7 @@ class UNetTrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
+    quality: QualitySection = field(default_factory=QualitySection)
     schema: str = UNET_SCHEMA
 
     def validate(self) -> None:
@@ -288,6 +358,9 @@ class UNetTrainConfig:
             raise ConfigError("data.root (a processed corpus) is not set (or data.pack)")
         if self.data.pack is not None and len(sources) > 1:
             raise ConfigError(f"data.pack and data.{sources[0]} are both set: choose one")
+        self.quality.validate()
+        if self.quality.needs_pixels and self.stage == 1:
+            raise ConfigError("the quality losses belong to stage 2 (stage: 2)")
 
 
 # --------------------------------------------------------------------------- VAE training

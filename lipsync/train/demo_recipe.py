@@ -16,7 +16,12 @@ val split and writes its results):
   loss on the decoded lower half (``--syncnet``, e.g. the syncnet helper's small SyncNet trained
   on the same pack); every parameter trains by default (a from-scratch model this small has no
   converged stage 1 to protect; ``--set unet2.trainable=[motion_modules.,attentions.]`` for the
-  reference's choice).
+  reference's choice). ``--set unet2.quality.…`` turns on issue 16's options (typed:
+  :class:`lipsync.train.config.QualitySection`; e.g. ``--set
+  unet2.quality.dynamic_conditioning.enabled=true``, docs/QUALITY.md); all off by default.
+* ``student``: a few-step student distilled from the ``unet2`` U-Net (``--resume-from`` its
+  bundle; :mod:`lipsync.train.distill`): the bundle it writes denoises in 4 unguided DDIM steps
+  and says so in its manifest (``training.student``).
 
 The audio encoder is Whisper-tiny with frozen weights made from ``--audio-seed``
 (:func:`lipsync.own_checkpoints.seeded_audio_encoder`): reproducible, no file.
@@ -74,10 +79,18 @@ from lipsync.own_checkpoints import (
 from lipsync.train.config import (
     InitSection,
     ModelSection,
+    QualitySection,
     UNetTrainConfig,
     VaeLossSection,
     VaeTrainConfig,
     apply_overrides,
+    from_dict,
+)
+from lipsync.train.distill import (
+    STUDENT_FORMAT,
+    DistillObjective,
+    DistillPlan,
+    trajectory_gap,
 )
 from lipsync.train.distributed import DistContext
 from lipsync.train.loop import LoopSettings, MicroBatch, TrainLoop
@@ -85,6 +98,7 @@ from lipsync.train.losses import LossModels, LossWeights
 from lipsync.train.metrics import MetricsLog, plot_metrics, read_jsonl
 from lipsync.train.pack import read_pack, write_pack
 from lipsync.train.pack_data import PackData, mouth_weight
+from lipsync.train.quality import GATE_KEYS, build_quality_losses, with_dynamic_conditioning
 from lipsync.train.unet import (
     UNetObjective,
     build_unet,
@@ -95,7 +109,7 @@ from lipsync.train.unet import (
 from lipsync.train.vae import VaeObjective, export_vae, full_vae_config, psnr
 
 RECIPE = "lipsync.demo_recipe/1"
-STAGES = ("vae", "unet1", "unet2")
+STAGES = ("vae", "unet1", "unet2", "student")
 UNET_CONFIG = "train/unet_demo_256_config.json"
 
 # Settings per stage (``--set stage.key=value`` changes one).
@@ -150,6 +164,23 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "seed": 13,
         "trainable": [],
         "weight_decay": 0.01,
+        "quality": {},  # lipsync.train.config.QualitySection (issue 16's options; off)
+    },
+    "student": {
+        "batch": 8,
+        "lr": 2e-5,
+        "warmup": 50,
+        "precision": "bf16",
+        "teacher_steps": 20,
+        "student_steps": 4,
+        "guidance": 1.5,  # the teacher's; the student is unguided
+        "weighting": "x0",
+        "dub_share": 0.5,
+        "eval_windows": 16,
+        "sample_windows": 8,
+        "eval_reserve_s": 60.0,
+        "seed": 14,
+        "weight_decay": 0.0,
     },
 }
 
@@ -175,6 +206,7 @@ class Run:
     vae_optimizer: dict[str, torch.Tensor] | None = None
     unet_state: dict[str, torch.Tensor] | None = None
     unet_stage: str | None = None
+    student: dict[str, Any] | None = None  # the student's manifest entry (training.student)
     previews: dict[str, np.ndarray] = field(default_factory=dict)
     data: dict[str, PackData] = field(default_factory=dict)
 
@@ -339,9 +371,7 @@ def _unet_config(run: Run, motion: bool) -> dict[str, Any]:
     return dict(run.unet_config, use_motion_module=motion)
 
 
-def stage_unet(run: Run, stage: str, minutes: float) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    s = run.settings[stage]
+def _prepared(run: Run, stage: str) -> tuple[PackData, PackData]:
     if run.vae is None:
         raise ConfigError(f"stage {stage} needs a VAE: run the vae stage first or --resume-from")
     train, val = _data(run, "train"), _data(run, "val")
@@ -351,8 +381,18 @@ def stage_unet(run: Run, stage: str, minutes: float) -> dict[str, Any]:
             data.prepare_audio(encoder)
         if data.moments is None:
             data.prepare_latents(run.vae)
+    return train, val
+
+
+def stage_unet(run: Run, stage: str, minutes: float) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    s = run.settings[stage]
+    train, val = _prepared(run, stage)
     prior = run.summary.get("stages", {}).get(stage, {})
     motion = stage == "unet2"
+    quality = from_dict(QualitySection, dict(s.get("quality") or {}), f"{stage}.quality")
+    if motion:
+        run.unet_config = with_dynamic_conditioning(run.unet_config, quality)
     model = _build_stage_unet(run, stage, motion)
     model.to(run.device)
     if s["trainable"]:
@@ -384,9 +424,14 @@ def stage_unet(run: Run, stage: str, minutes: float) -> dict[str, Any]:
         noise_alpha=s["noise_alpha"],
         seed=s["seed"],
         num_frames=16,
+        quality=build_quality_losses(quality, train.resolution, run.device) if motion else None,
     )
+    pixels = motion and quality.needs_pixels
+    if pixels:
+        run.vae.autoencoder.enable_gradient_checkpointing()
+        models.decode = run.vae.decode
     batches = PackBatches(
-        lambda step: train.unet_batch(train.sample_windows(s["seed"], step, s["batch"])),
+        lambda step: train.unet_batch(train.sample_windows(s["seed"], step, s["batch"]), pixels),
         s["batch"],
     )
     steps0 = int(prior.get("steps", 0))
@@ -423,12 +468,69 @@ def _build_stage_unet(run: Run, stage: str, motion: bool) -> UNet3D:
         source="own",
         path=str(tmp),
         seed=seed,
-        allow_missing=["motion_modules."] if motion else [],
+        allow_missing=["motion_modules.", GATE_KEYS] if motion else [],
         allow_unexpected=[] if motion else ["motion_modules."],
     )
     model = build_unet(cfg)[0]
     shutil.rmtree(tmp)
     return model
+
+
+def stage_student(run: Run, minutes: float) -> dict[str, Any]:
+    """Distil the unet2 U-Net in hand into a few-step student (module docstring)."""
+    t0 = time.perf_counter()
+    s = run.settings["student"]
+    if run.unet_state is None or run.unet_stage != "unet2":
+        raise ConfigError(
+            "stage student distils a unet2 U-Net: --resume-from a unet2 bundle (a student is "
+            "not continued from a student: distil again from its teacher)"
+        )
+    train, val = _prepared(run, "student")
+    config = _unet_config(run, True)
+    teacher_state = run.unet_state
+    teacher = UNet3D.from_config(config)
+    teacher.load_state_dict(teacher_state, strict=True)
+    teacher.to(run.device).eval().requires_grad_(False)
+    student = UNet3D.from_config(config)
+    student.load_state_dict(run.unet_state, strict=True)
+    student.to(run.device).requires_grad_(True)
+    trainable = list(student.named_parameters())
+    optimizer = _adamw([p for _, p in trainable], s, run.device)
+    plan = DistillPlan(s["teacher_steps"], s["student_steps"], s["guidance"])
+    objective = DistillObjective(student, teacher, plan, run.vae.scaling_factor, s["seed"],
+                                 s["weighting"], s["dub_share"])  # fmt: skip
+    batches = PackBatches(
+        lambda step: train.unet_batch(train.sample_windows(s["seed"], step, s["batch"])),
+        s["batch"],
+    )
+    prior = run.summary.get("stages", {}).get("student", {})
+    steps0 = int(prior.get("steps", 0))
+    budget = _stage_budget(run, t0, minutes, s["eval_reserve_s"])
+    loop = _loop(run, "student", student, optimizer, objective, batches, trainable, s, budget,
+                 steps0, steps0)  # fmt: skip
+    result = loop.run()
+    student.eval().requires_grad_(False)
+    evaluation = trajectory_gap(student, teacher, val, plan, run.vae.scaling_factor,
+                                min(8, s["eval_windows"]))  # fmt: skip
+    syncnet = _syncnet(run) if run.syncnet_path else None
+    sampling = dict(s, sample_steps=s["student_steps"], guidance=1.0)
+    noise_mse = UNetObjective(
+        model=student, vae=run.vae, alphas_cumprod=make_scheduler("ddim").alphas_cumprod.to(
+            run.device), weights=LossWeights(recon=1.0), loss_models=LossModels(),
+        mixed_noise=True, noise_alpha=1.0, seed=s["seed"], num_frames=16,
+    )  # fmt: skip
+    evaluation.update(evaluate_unet(run, "student", student, noise_mse, val, syncnet, sampling))
+    run.unet_state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    run.unet_stage = "student"
+    run.student = {
+        "format": STUDENT_FORMAT,
+        "steps": plan.student_steps,
+        "guidance": 1.0,
+        "scheduler": "ddim",
+        "teacher": {"steps": plan.teacher_steps, "guidance": plan.guidance},
+        "method": "trajectory distillation (lipsync.train.distill)",
+    }
+    return _stage_record(result, t0, evaluation, s, loop)
 
 
 def _syncnet(run: Run):
@@ -594,6 +696,10 @@ def load_resume(run: Run) -> None:
         run.vae_config = manifest["vae"]["config"]
         run.unet_state = {k: v.float() for k, v in read_unet_state(src, "own").items()}
         run.unet_stage = manifest["training"].get("last_stage")
+        run.student = manifest["training"].get("student")
+        extra = manifest["unet"]["config"].get("dynamic_conditioning")
+        if extra and extra.get("enabled"):
+            run.unet_config = dict(run.unet_config, dynamic_conditioning=extra)
     elif (src / "vae.safetensors").is_file():
         run.vae = load_own_vae(src / "vae.safetensors", device=run.device)
         run.vae_config = dict(run.vae.autoencoder.config)
@@ -627,6 +733,7 @@ def write_outputs(run: Run, stages_run: list[str]) -> list[str]:
                 "recipe": RECIPE,
                 "last_stage": run.unet_stage,
                 "stages": run.summary.get("stages", {}),
+                **({"student": run.student} if run.student else {}),
             },
         )
         written += [p.name for p in out.iterdir() if p.name.startswith(("unet", "vae", "manifest"))]
@@ -659,7 +766,8 @@ def write_outputs(run: Run, stages_run: list[str]) -> list[str]:
     panels = [
         ("loss", [f"loss_{s}" for s in STAGES]),
         ("VAE parts", ["l1_vae", "mse_vae", "kl_vae"]),
-        ("U-Net parts", ["mse_unet1", "mse_unet2", "sync_unet2"]),
+        ("U-Net parts", ["mse_unet1", "mse_unet2", "sync_unet2", "ctc_unet2", "mtrepa_unet2"]),
+        ("student", [f"x0_mse_step{k}_student" for k in range(4)]),
     ]
     written.append("metrics.jsonl")
     if not run.lean:
@@ -718,7 +826,9 @@ def _with_global_x(lines: list[dict[str, Any]], steps: dict[str, int]) -> list[d
         if rec.get("split") != "train" or stage not in base:
             continue
         numbers = {
-            f"{k}_{stage}": v for k, v in rec.items() if k in ("loss", "mse", "sync", "l1", "kl")
+            f"{k}_{stage}": v
+            for k, v in rec.items()
+            if k in ("loss", "mse", "sync", "l1", "kl", "ctc", "mtrepa") or k.startswith("x0_mse")
         }
         out.append({**rec, **numbers, "step": base[stage] + rec["step"]})
     return out
@@ -769,6 +879,7 @@ def train(
         unknown = sorted(set(values) - set(DEFAULTS.get(stage, {})))
         if stage not in DEFAULTS or unknown:
             raise ConfigError(f"unknown recipe setting {stage}.{unknown[0] if unknown else ''}")
+    from_dict(QualitySection, dict(settings["unet2"]["quality"]), "unet2.quality").validate()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":  # TF32 for the fp32 parts (latent encoding, evaluation), tuned convs
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -791,7 +902,12 @@ def train(
     load_resume(run)
     run.summary.setdefault("stages", {})
     for stage, mins in zip(stages, minutes, strict=True):
-        record = stage_vae(run, mins) if stage == "vae" else stage_unet(run, stage, mins)
+        if stage == "vae":
+            record = stage_vae(run, mins)
+        elif stage == "student":
+            record = stage_student(run, mins)
+        else:
+            record = stage_unet(run, stage, mins)
         run.summary["stages"][stage] = record
     run.summary.update(
         recipe=RECIPE,

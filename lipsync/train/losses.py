@@ -295,8 +295,9 @@ class VideoMaeEncoder(nn.Module):
         self.fc_norm = nn.LayerNorm(d, eps=1e-6)
         self.head = nn.Linear(d, dims.num_classes)
 
-    def forward_features(self, video: torch.Tensor) -> torch.Tensor:
-        # video: (B, 3, F, S, S) in [0, 1], S = image_size -> (B, embed_dim)
+    def forward_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        # video: (B, 3, F, S, S) in [0, 1], S = image_size -> (B, N, embed_dim) tokens after the
+        # last block, N = (F / tubelet) · (S / patch)², time-major (then rows, then columns)
         x = self.patch_embed.proj(video).flatten(2).transpose(1, 2)  # (B, N, C)
         x = x + self.pos_embed.to(x.dtype)
         for block in self.blocks:
@@ -304,7 +305,11 @@ class VideoMaeEncoder(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.fc_norm(x.mean(dim=1))
+        return x
+
+    def forward_features(self, video: torch.Tensor) -> torch.Tensor:
+        # video: (B, 3, F, S, S) in [0, 1], S = image_size -> (B, embed_dim)
+        return self.fc_norm(self.forward_tokens(video).mean(dim=1))
 
 
 class TrepaLoss(nn.Module):
@@ -360,6 +365,19 @@ def _tensors(state: Mapping[str, Any], path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- the sum
 
 
+class QualityTerms(Protocol):
+    """Extra terms on the decoded frames (:class:`lipsync.train.quality.QualityLosses`):
+    (pixels, gt_pixels, phones, alpha_t) -> (weighted sum, parts)."""
+
+    def __call__(
+        self,
+        pixels: torch.Tensor,
+        gt_pixels: torch.Tensor | None,
+        phones: torch.Tensor | None,
+        alpha_t: torch.Tensor,
+    ) -> tuple[Any, dict]: ...
+
+
 @dataclass
 class LossWeights:
     recon: float = 1.0
@@ -390,18 +408,28 @@ def total_loss(
     alphas_cumprod: torch.Tensor,
     gt_pixels: torch.Tensor | None,
     mel: torch.Tensor | None,
+    *,
+    quality: QualityTerms | None = None,
+    phones: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum and its parts (detached, for logging), for one micro-batch.
 
     pred_noise, noise, x_t (b, 4, f, h, w); t (b,); gt_pixels (b, f, 3, R, R) in [-1, 1] (needed
-    by LPIPS/TREPA); mel (b, 1, 80, 52) (needed by the sync loss).
+    by LPIPS/TREPA); mel (b, 1, 80, 52) (needed by the sync loss). ``quality``: the enabled
+    quality terms (:class:`lipsync.train.quality.QualityLosses`), on the same decoded frames;
+    ``phones`` (b, f) their phone labels.
     """
     parts: dict[str, torch.Tensor] = {}
     loss = torch.zeros((), device=pred_noise.device)
     if weights.recon:
         parts["mse"] = F.mse_loss(pred_noise.float(), noise.float())
         loss = loss + weights.recon * parts["mse"]
-    need_pixels = weights.lpips or weights.trepa or (weights.sync and models.pixel_space)
+    need_pixels = bool(
+        weights.lpips
+        or weights.trepa
+        or (weights.sync and models.pixel_space)
+        or quality is not None
+    )
     if weights.sync or need_pixels:
         b, c, f, h, w = x_t.shape
         x0 = predict_x0(alphas_cumprod, x_t.float(), pred_noise.float(), t)  # (b, 4, f, h, w)
@@ -427,6 +455,11 @@ def total_loss(
         if weights.trepa:
             parts["trepa"] = models.trepa(pixels.transpose(1, 2), gt_pixels.float().transpose(1, 2))
             loss = loss + weights.trepa * parts["trepa"]
+        if quality is not None:
+            alpha_t = alphas_cumprod.to(t.device)[t]
+            extra, extra_parts = quality(pixels, gt_pixels, phones, alpha_t)
+            loss = loss + extra
+            parts.update(extra_parts)
     return loss, {k: v.detach() for k, v in parts.items()}
 
 

@@ -507,6 +507,38 @@ def read_pack(
     return Pack(root, meta, segments, frames, audio, visemes, phones)
 
 
+def limit_split(pack: Pack, split: str, max_minutes: float | None = None,
+                max_segments: int | None = None) -> Pack:  # fmt: skip
+    """``pack`` with ``split`` cut to its first whole segments within ``max_minutes`` and
+    ``max_segments`` (at least one segment; other splits unchanged, arrays shared)."""
+    segs = pack.split_segments(split)
+    keep, frames = [], 0
+    for seg in segs:
+        if keep and max_segments is not None and len(keep) >= max_segments:
+            break
+        if keep and max_minutes is not None and frames + seg.frames > max_minutes * 60 * FPS:
+            break
+        keep.append(seg)
+        frames += seg.frames
+    if len(keep) == len(segs):
+        return pack
+    end = keep[-1].start + keep[-1].frames
+    others = [s for s in pack.segments if s.split != split]
+
+    def cut(arrays: dict[str, np.ndarray], per_frame: int = 1) -> dict[str, np.ndarray]:
+        return {**arrays, split: arrays[split][: end * per_frame]}
+
+    return Pack(
+        pack.root,
+        pack.meta,
+        others + keep,
+        cut(pack.frames),
+        cut(pack.audio, SAMPLES_PER_FRAME),
+        cut(pack.visemes),
+        cut(pack.phones),
+    )
+
+
 # --------------------------------------------------------------------------- SyncNet pairs
 
 MIN_NEGATIVE_OFFSET = 5  # frames between a negative's audio and its images (CONTRACT-data §3)

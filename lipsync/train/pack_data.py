@@ -22,10 +22,15 @@ import numpy as np
 import torch
 
 from lipsync.audio import AudioEncoder, syncnet_mel, syncnet_mel_window_length
+from lipsync.data.synth.phones import PHONES
 from lipsync.face.mask import make_mask
 from lipsync.models.vae import Vae
 from lipsync.train.loop import sample_seed
 from lipsync.train.pack import SAMPLES_PER_FRAME, Pack
+
+# what PackData.state() holds besides plain attributes (moments are a dict of pairs)
+_TENSORS = ("frames", "visemes", "phones", "seg_start", "seg_len", "mask", "window_seg",
+            "window_start", "features", "feat_start", "feat_len", "mel", "mel_start")  # fmt: skip
 
 
 class PackData:
@@ -40,6 +45,8 @@ class PackData:
         self.frames = frames.to(device).permute(0, 3, 1, 2).contiguous()  # (N, 3, R, R)
         self.audio = pack.audio[split]
         self.visemes = torch.from_numpy(pack.visemes[split])
+        # phone of every frame as an id of lipsync-phones/1 (PHONES; -1 unknown), on the device
+        self.phones = torch.from_numpy(canonical_phones(pack, split)).to(device)
         self.seg_start = torch.tensor([s.start for s in segs], dtype=torch.int64)
         self.seg_len = torch.tensor([s.frames for s in segs], dtype=torch.int64)
         keep = torch.from_numpy(make_mask(self.resolution)).float()  # (R, R), 1 = keep
@@ -59,6 +66,42 @@ class PackData:
 
     def __len__(self) -> int:
         return len(self.window_seg)
+
+    # ---------------------------------------------------------------- sharing between processes
+
+    def state(self) -> dict:
+        """Everything this object holds (tensors on the CPU), for :meth:`from_state` in another
+        process: the protocol runner prepares a split once and its workers load it."""
+        out = {k: getattr(self, k) for k in ("split", "num_frames", "segment_ids", "resolution")}
+        out["audio"] = torch.from_numpy(np.ascontiguousarray(self.audio))
+        for k in _TENSORS:
+            value = getattr(self, k)
+            out[k] = value.cpu() if isinstance(value, torch.Tensor) else value
+        if self.moments is not None:
+            out["moments"] = {k: (m.cpu(), sd.cpu()) for k, (m, sd) in self.moments.items()}
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> PackData:
+        self = cls.__new__(cls)
+        self.device = torch.device(device)
+        for k in ("split", "num_frames", "segment_ids", "resolution"):
+            setattr(self, k, state[k])
+        self.audio = state["audio"].numpy()
+        on_device = ("frames", "phones", "mask", "features", "feat_start", "feat_len", "mel",
+                     "mel_start")  # fmt: skip
+        for k in _TENSORS:
+            value = state.get(k)
+            if isinstance(value, torch.Tensor) and k in on_device:
+                value = value.to(self.device)
+            setattr(self, k, value)
+        moments = state.get("moments")
+        self.moments = (
+            None
+            if moments is None
+            else {k: (m.to(self.device), sd.to(self.device)) for k, (m, sd) in moments.items()}
+        )
+        return self
 
     @property
     def num_frames_total(self) -> int:
@@ -170,6 +213,7 @@ class PackData:
             "mask": self.mask[None, None].expand(len(seg), 1, *self.mask.shape),
             "audio_windows": self.audio_windows(seg, windows["start"].to(dev)),
             "mel": self.mel_windows(seg, windows["start"].to(dev)),
+            "phones": self.phones[idx].reshape(len(seg), f),  # (b, f) PHONES ids, -1 unknown
         }
         if pixels:
             batch["frames"] = self.pixels(frame0[:, None] + k)
@@ -204,3 +248,12 @@ def mouth_weight(resolution: int, device) -> torch.Tensor:
     """(1, 1, R, R): 1 where the U-Net regenerates the face (mask 0), else 0."""
     keep = torch.from_numpy(make_mask(resolution)).float().to(device)
     return (1.0 - keep)[None, None]
+
+
+def canonical_phones(pack: Pack, split: str) -> np.ndarray:
+    """The pack's per-frame phones of ``split`` as ids of ``lipsync-phones/1`` (:data:`PHONES`),
+    -1 where unknown. (A pack numbers phones by its own ``phone_inventory``.)"""
+    inventory = pack.meta.get("phone_inventory", [])
+    table = np.array([PHONES.index(p) if p in PHONES else -1 for p in inventory] + [-1])
+    local = pack.phones[split]
+    return table[np.where(local >= 0, local, len(inventory))].astype(np.int64)

@@ -77,6 +77,7 @@ from lipsync.train.losses import (
     total_loss,
     training_noise,
 )
+from lipsync.train.quality import apply_to_unet_config, build_quality_losses
 
 NUM_TRAIN_TIMESTEPS = 1000
 CHART_PANELS = [
@@ -266,7 +267,7 @@ def load_loss_models(cfg: UNetTrainConfig, vae: Vae, device: torch.device) -> Lo
     """The frozen models of the enabled losses; a missing or wrong file fails here, at start."""
     lw = cfg.losses
     models = LossModels(sync_lower_half=lw.sync_lower_half, pixel_space=lw.pixel_space)
-    if lw.pixel_space and (lw.sync or lw.lpips or lw.trepa):
+    if (lw.pixel_space and (lw.sync or lw.lpips or lw.trepa)) or cfg.quality.needs_pixels:
         vae.autoencoder.enable_gradient_checkpointing()
         models.decode = vae.decode
     if lw.sync:
@@ -334,6 +335,7 @@ class UNetObjective:
     seed: int
     num_frames: int
     sample_posterior: bool = True
+    quality: Any = None  # lipsync.train.quality.QualityLosses (issue 16's terms), or None
 
     def __call__(self, batch: dict[str, Any], step: int, positions: torch.Tensor):
         device = self.alphas_cumprod.device
@@ -385,6 +387,8 @@ class UNetObjective:
             self.alphas_cumprod,
             gt_pixels.to(device) if gt_pixels is not None else None,
             mel.to(device) if mel is not None else None,
+            quality=self.quality,
+            phones=batch.get("phones"),
         )
 
 
@@ -508,6 +512,11 @@ def _train(cfg, out, dist, show_progress, resume, resume_from):
     started = time.time()
     torch.manual_seed(cfg.train.seed + dist.rank)
     device = dist.device
+    if cfg.quality.phone_ctc.weight and dist.world_size > 1:
+        raise ConfigError(
+            "quality.phone_ctc trains its head in each process separately: use one process"
+        )
+    apply_to_unet_config(cfg, resolve_unet_config(cfg.model.unet_config))
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
@@ -535,6 +544,7 @@ def _train(cfg, out, dist, show_progress, resume, resume_from):
         seed=cfg.train.seed,
         num_frames=cfg.model.num_frames,
         sample_posterior=cfg.vae.sample_posterior,
+        quality=build_quality_losses(cfg.quality, cfg.model.resolution, device),
     )
     frames = cfg.model.num_frames
     train_set = make_dataset(cfg, cfg.data.train_split, cfg.train.seed, frames, audio)

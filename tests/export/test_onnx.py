@@ -54,6 +54,10 @@ from tests.support.shared import MEDIA, demo_source_frames
 H = 16  # tiny preset: 128 px faces, 16 x 16 latents
 
 
+# real inputs: lipsync run checks its paths and media before its other options
+REAL_INPUTS = (str(MEDIA / "demo1_video.mp4"), str(MEDIA / "demo1_audio.wav"))
+
+
 @pytest.fixture(scope="module")
 def models():
     m = random_models("tiny", seed=0)
@@ -483,7 +487,7 @@ def fake_export(tmp_path):
 )
 def test_engine_onnx_rejects_pytorch_options(fake_export, capsys, tmp_path, flags, named):
     code, _, err = cli_run(
-        capsys, "v.mp4", "a.wav", "-o", tmp_path / "o.mp4", "--engine", "onnx",
+        capsys, *REAL_INPUTS, "-o", tmp_path / "o.mp4", "--engine", "onnx",
         "--onnx-dir", fake_export, *flags,
     )  # fmt: skip
     assert code == 2 and len(err.strip().splitlines()) == 1
@@ -506,6 +510,6 @@ def test_engine_onnx_rejects_pytorch_options(fake_export, capsys, tmp_path, flag
 def test_engine_onnx_option_errors_are_one_line(fake_export, capsys, tmp_path, args, message):
     args = [str(fake_export) if a == "EXPORT" else str(tmp_path / a) if a == "NOWHERE" else a
             for a in args]  # fmt: skip
-    code, _, err = cli_run(capsys, "v.mp4", "a.wav", "-o", tmp_path / "o.mp4", *args)
+    code, _, err = cli_run(capsys, *REAL_INPUTS, "-o", tmp_path / "o.mp4", *args)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error:") and message in err, err

@@ -239,15 +239,17 @@ def test_unet_that_does_not_fit_the_preset_is_one_clear_error(bundle, tmp_path, 
     with pytest.raises(ConfigError, match=r"trained at 128 px \(the preset's faces: 256 px\)"):
         load_models(options)
     other = tmp_path / "other"
+    # real inputs: run checks its paths and media before it loads anything
+    REAL_INPUTS = (str(MEDIA / "demo1_video.mp4"), str(MEDIA / "demo1_audio.wav"))
     config = dict(TINY_UNET, in_channels=9, cross_attention_dim=256)
     export_unet(other, config, random_unet(config).state_dict(), "fp32", step=1)
-    code, _, err = cli(capsys, "run", "v.mp4", "a.wav", "-o", tmp_path / "o.mp4", "-p", "tiny",
+    code, _, err = cli(capsys, "run", *REAL_INPUTS, "-o", tmp_path / "o.mp4", "-p", "tiny",
                        "--unet", other)  # fmt: skip
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: --unet {other} does not fit the tiny preset: ")
     assert "in_channels 9 (the preset's: 13)" in err
     assert "cross_attention_dim 256 (the preset's: 384)" in err
-    code, _, err = cli(capsys, "run", "v.mp4", "a.wav", "-o", tmp_path / "o.mp4", "--unet",
+    code, _, err = cli(capsys, "run", *REAL_INPUTS, "-o", tmp_path / "o.mp4", "--unet",
                        tmp_path / "absent.safetensors")  # fmt: skip
     assert code == 2 and err.startswith("error: U-Net checkpoint not found")
 

@@ -6,7 +6,8 @@ and the job API as an HTTP 4xx. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -65,3 +66,13 @@ def check_choice(what: str, value: T, choices: Iterable[T]) -> T:
     if value not in choices:
         raise ConfigError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
     return value
+
+
+def run_reporting_errors(command: Callable[[], object]) -> None:
+    """Run a module's command-line entry point: a :class:`LipSyncError` becomes one
+    ``error: …`` line on stderr and its exit code (anything else keeps its traceback)."""
+    try:
+        command()
+    except LipSyncError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,12 @@ import typer
 
 from lipsync.audio import load_audio
 from lipsync.data.synth.phones import PHONES, normalise_espeak
-from lipsync.errors import CheckpointError, CheckpointNotFoundError, ConfigError, LipSyncError
+from lipsync.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    run_reporting_errors,
+)
 
 FPS = 25
 SAMPLE_RATE = 16000
@@ -355,11 +359,7 @@ def annotate_command(
 
 
 def main() -> None:
-    try:
-        app()
-    except LipSyncError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+    run_reporting_errors(app)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from typing import Any
 
 import typer
 
-from lipsync.errors import ConfigError, LipSyncError
+from lipsync.errors import ConfigError, LipSyncError, run_reporting_errors
 from lipsync.eval.protocol_jobs import (
     ARMS,
     Job,
@@ -419,11 +419,7 @@ def table_command(results: Path) -> None:
 
 
 def main() -> None:
-    try:
-        app()
-    except LipSyncError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+    run_reporting_errors(app)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +60,7 @@ from safetensors.torch import load_file, save_file
 
 from lipsync.checkpoints import load_syncnet
 from lipsync.diffusion import ChunkDenoiser, DenoiseOptions
-from lipsync.errors import ConfigError, LipSyncError
+from lipsync.errors import ConfigError, LipSyncError, run_reporting_errors
 from lipsync.models.scheduler import make_scheduler
 from lipsync.models.syncnet import cosine_similarity
 from lipsync.models.unet import UNet3D
@@ -1000,11 +999,7 @@ def train_command(
 
 
 def main() -> None:
-    try:
-        app()
-    except LipSyncError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+    run_reporting_errors(app)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,21 @@ def main() -> None:
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--init", default=None, help="a SyncNet file to start from (fine-tuning)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default=None)
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=10**9,
+        help="the cosine schedule's length; --max-minutes still stops it",
+    )
+    p.add_argument(
+        "--no-checkpoint-files",
+        action="store_true",
+        help="return no checkpoint parts (fewer files; the run cannot be resumed)",
+    )
     args = p.parse_args()
     if not args.out:
         fail("--out (or $OUT) is required")
@@ -130,7 +145,8 @@ def main() -> None:
     try:
         cfg = SyncNetTrainConfig.from_file(
             args.config, data=args.data, max_minutes=args.max_minutes,
-            num_workers=args.num_workers, batch_size=args.batch_size, max_steps=10**9,
+            num_workers=args.num_workers, batch_size=args.batch_size, max_steps=args.max_steps,
+            init=args.init, lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule,
         )  # fmt: skip
         has_ckpt = any((run / "checkpoints").glob("step-*.pt"))
         restored = None if has_ckpt else (restore(resume, run) if resume.is_dir() else None)
@@ -144,7 +160,7 @@ def main() -> None:
     for name in ("syncnet.safetensors", "metrics.jsonl", "metrics.png"):
         if (run / name).is_file():
             shutil.copyfile(run / name, out / name)
-    parts = split_file(ckpt, out, "checkpoint.pt")
+    parts = [] if args.no_checkpoint_files else split_file(ckpt, out, "checkpoint.pt")
     summary.update(
         restored_from_step=restored,
         wall_s=time.time() - started,
@@ -155,7 +171,9 @@ def main() -> None:
             "parts": parts,
             "sha256": sha256(ckpt),
             "config": json.loads((run / "config.json").read_text()),
-        },
+        }
+        if parts
+        else None,
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     files = sorted(p.name for p in out.iterdir())

@@ -34,7 +34,10 @@ class PairMetrics:
 
 
 def fit_image(image: torch.Tensor, model: StableSyncNet) -> torch.Tensor:
-    """Resize (b, 3F, h, w) images to the model's (R/2, R) if the data has another resolution."""
+    """(b, 3F, h, w) images as the model eats them: 8-bit ones (packs) mapped to [-1, 1] in
+    float32, then resized to the model's (R/2, R) if the data has another resolution."""
+    if image.dtype == torch.uint8:
+        image = image.float() / 127.5 - 1.0
     size = model.config.image_size
     if tuple(image.shape[-2:]) == size:
         return image

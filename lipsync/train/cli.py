@@ -33,6 +33,10 @@ def syncnet(
     data: Annotated[
         str | None, typer.Option(help="Override the data: a processed corpus folder or 'toy'.")
     ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(help="Start from this SyncNet file (e.g. a shipped one) instead of the seed."),
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     max_minutes: Annotated[
         float | None, typer.Option(help="Stop (checkpoint, export) after this much wall time.")
@@ -62,6 +66,7 @@ def syncnet(
     cfg = SyncNetTrainConfig.from_file(
         config,
         data=data,
+        init=str(init) if init else None,
         max_steps=max_steps,
         max_minutes=max_minutes,
         batch_size=batch_size,

@@ -546,8 +546,10 @@ MIN_NEGATIVE_OFFSET = 5  # frames between a negative's audio and its images (CON
 
 class PackSyncPairs(torch.utils.data.Dataset):
     """SyncNet training pairs from a pack, with the item keys of ``SyncNetPairs``
-    (CONTRACT-data.md §3): ``image`` (3F, R/2, R) float32 in [-1, 1] (lower halves, frame-major
-    RGB), ``audio`` (1, 80, ceil(F·16/5)) SyncNet mel window, ``y`` (1,) 1 = in sync / 0 = audio
+    (CONTRACT-data.md §3) except that ``image`` stays 8-bit: (3F, R/2, R) uint8 (lower halves,
+    frame-major RGB; :func:`lipsync.eval.syncnet_accuracy.fit_image` maps it to [-1, 1] on the
+    device: a quarter of the bytes through the loader workers and the copy), ``audio``
+    (1, 80, ceil(F·16/5)) SyncNet mel window, ``y`` (1,) 1 = in sync / 0 = audio
     from another time of the same segment at least 5 frames away, ``segment``, ``start``.
 
     Every window start of every segment is an item; whether it is a positive, and the negative's
@@ -612,7 +614,7 @@ class PackSyncPairs(torch.utils.data.Dataset):
         frames = self.pack.frames[self.split][first : first + self.num_frames]
         half = frames[:, frames.shape[1] // 2 :]  # (F, R/2, R, 3)
         image = torch.from_numpy(np.ascontiguousarray(half)).permute(0, 3, 1, 2)
-        image = image.reshape(-1, *image.shape[2:]).float() / 127.5 - 1.0
+        image = image.reshape(-1, *image.shape[2:]).contiguous()
         window = syncnet_mel_window(self._mel(k), audio_start, self.num_frames, FPS)
         return {
             "image": image,

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 
-from lipsync.checkpoints import save_syncnet
+from lipsync.checkpoints import load_syncnet, save_syncnet
 from lipsync.config import load_packaged_config
 from lipsync.data.pair_sources import open_syncnet_pairs
 from lipsync.errors import ConfigError
@@ -66,6 +66,7 @@ class SyncNetTrainConfig:
     name: str  # how the exported SyncNet names itself in reports
     model: dict[str, Any]  # the model config (resolved)
     data: str  # a processed corpus folder, or "toy[:…]" (lipsync.data.pair_sources)
+    init: str | None = None  # a SyncNet file (save_syncnet) to start from instead of the seed
     train_split: str = "train"
     val_split: str | None = "val"
     test_split: str | None = "test"
@@ -240,6 +241,14 @@ class SyncNetTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             model = StableSyncNet.from_config(self.cfg.model)
+        if self.cfg.init:  # a checkpoint of this run, when there is one, overrides it later
+            start, _ = load_syncnet(self.cfg.init)
+            if start.config.to_dict() != model.config.to_dict():
+                raise ConfigError(
+                    f"init {self.cfg.init} is a SyncNet of another architecture than the "
+                    "training config's model"
+                )
+            model.load_state_dict(start.state_dict())
         model.set_gradient_checkpointing(self.cfg.gradient_checkpointing)
         return model.to(self.ctx.device).train()
 

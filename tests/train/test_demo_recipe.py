@@ -189,7 +189,10 @@ def test_pack_gives_syncnet_pairs_for_lipsync_train_syncnet(pack):
     assert isinstance(pairs, PackSyncPairs) and len(pairs) > 0
     item = pairs[0]
     assert item["image"].shape == (48, 32, 64) and item["audio"].shape == (1, 80, 52)
-    assert -1.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+    assert item["image"].dtype == torch.uint8  # 8-bit through the loader, [-1, 1] on device
+    k0, s0 = pairs._items[0]
+    half = read_pack(pack, ("train",)).frames["train"][pairs.segments[k0].start + s0]
+    assert torch.equal(item["image"][:3], torch.from_numpy(half[32:]).permute(2, 0, 1))
     labels = [float(pairs[i]["y"]) for i in range(len(pairs))]
     assert 0.25 < sum(labels) / len(labels) < 0.75
     # a negative's audio is the same segment's, at least 5 frames away: its mel differs

@@ -99,6 +99,38 @@ def test_run_folder_holds_metrics_charts_and_a_loadable_model(tmp_path):
     assert report["accuracy"] == pytest.approx(summary["val"]["accuracy"])
 
 
+def test_init_starts_from_an_exported_syncnet_and_refuses_another_architecture(tmp_path):
+    torch.set_num_threads(1)
+    first = SyncNetTrainConfig.from_file(
+        write_config(tmp_path, max_steps=8, val_every=0, checkpoint_every=8)
+    )
+    train_syncnet(first, tmp_path / "a", device="cpu", show_progress=False)
+    exported = tmp_path / "a" / "syncnet.safetensors"
+    trained, _ = load_syncnet(exported)
+    # zero learning rate: the fine-tune's weights stay exactly the exported (fp16-stored) ones
+    cfg = SyncNetTrainConfig.from_file(
+        write_config(tmp_path, max_steps=2, val_every=0, checkpoint_every=2, lr=1e-30),
+        init=str(exported),
+    )
+    train_syncnet(cfg, tmp_path / "b", device="cpu", show_progress=False)
+    tuned, _ = load_syncnet(tmp_path / "b" / "syncnet.safetensors")
+    for (name, a), b in zip(trained.state_dict().items(), tuned.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # the seed alone gives other weights
+    seeded = SyncNetTrainConfig.from_file(
+        write_config(tmp_path, max_steps=2, val_every=0, checkpoint_every=2, lr=1e-30)
+    )
+    train_syncnet(seeded, tmp_path / "c", device="cpu", show_progress=False)
+    fresh, _ = load_syncnet(tmp_path / "c" / "syncnet.safetensors")
+    pairs = zip(trained.state_dict().values(), fresh.state_dict().values(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in pairs)
+    other = json.loads(json.dumps(TOY))
+    other["model"]["visual_encoder"]["block_out_channels"][0] = 32
+    bad = SyncNetTrainConfig.from_dict({**other, "data": DATA}, init=str(exported))
+    with pytest.raises(ConfigError, match="another architecture"):
+        train_syncnet(bad, tmp_path / "d", device="cpu", show_progress=False)
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_continues_the_same_loss_curve(tmp_path):
     cfg = write_config(tmp_path, max_steps=16)

@@ -118,6 +118,7 @@ class ProtocolConfig:
     train_seconds: float = 220.0
     bench_seconds: float = 60.0
     parallel: int = 0  # most jobs at once (0: all of a phase)
+    gpus: list[str] = field(default_factory=list)  # spread jobs over these (CUDA_VISIBLE_DEVICES)
 
     def validate(self) -> None:
         unknown = [a for a in self.arms if a not in ARMS]
@@ -165,6 +166,7 @@ class Runner:
         self.log = log
         self.procs: dict[str, tuple[subprocess.Popen, Any]] = {}
         self.failures: dict[str, str] = {}
+        self.gpu_of: dict[str, str] = {}  # job -> the GPU it was given (with ``gpus``)
         self.config_file = Path(cfg.work) / "config.json"
         write_json(self.config_file, asdict(cfg))
 
@@ -177,12 +179,23 @@ class Runner:
                "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # fmt: skip
         if (self.cfg.device or "").startswith("cpu"):
             env.setdefault("OMP_NUM_THREADS", "1")
+        gpu = self.pick_gpu()
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+            self.gpu_of[job.name] = gpu
         proc = subprocess.Popen(
             [sys.executable, "-m", "lipsync.eval.protocol", "worker", str(self.config_file),
              str(spec)],
             stdout=logf, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         self.procs[job.name] = (proc, logf)
+
+    def pick_gpu(self) -> str | None:
+        """With ``gpus``: the one running the fewest jobs now (ties: the first listed)."""
+        if not self.cfg.gpus:
+            return None
+        busy = [self.gpu_of.get(n) for n in self.running()]
+        return min(self.cfg.gpus, key=lambda g: busy.count(g))
 
     def running(self) -> list[str]:
         return [n for n, (p, _) in self.procs.items() if p.poll() is None]

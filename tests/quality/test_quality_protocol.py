@@ -190,3 +190,31 @@ def test_limit_split_keeps_whole_leading_segments():
     assert cut.phones["train"][-1] == 69 and cut.split_segments("test") == segs[3:]
     assert limit_split(pack, "train", max_segments=1).split_segments("train") == segs[:1]
     assert limit_split(pack, "train", max_minutes=1.0) is pack
+
+
+def test_jobs_spread_over_the_listed_gpus(tmp_path):
+    """With ``gpus``, each new job goes to the GPU running the fewest jobs (the protocol on a
+    2-GPU host: one GPU could not hold every arm at once)."""
+    from lipsync.eval.protocol import Runner
+    from lipsync.train.config import apply_overrides
+
+    cfg = from_dict(ProtocolConfig, apply_overrides({"work": str(tmp_path)}, ['gpus=["0","1"]']))
+    assert cfg.gpus == ["0", "1"]
+    runner = Runner(cfg, log=lambda m: None)
+
+    class Proc:  # what Runner.running() asks of a process
+        def __init__(self, alive: bool):
+            self.alive = alive
+
+        def poll(self):
+            return None if self.alive else 0
+
+    given = []
+    for k in range(5):
+        gpu = runner.pick_gpu()
+        runner.gpu_of[f"j{k}"], runner.procs[f"j{k}"] = gpu, (Proc(True), None)
+        given.append(gpu)
+    assert given == ["0", "1", "0", "1", "0"]
+    runner.procs["j1"] = (Proc(False), None)  # a job on GPU 1 ended: 3 on "0", 1 on "1"
+    assert runner.pick_gpu() == "1"
+    assert Runner(ProtocolConfig(work=str(tmp_path / "w")), log=print).pick_gpu() is None

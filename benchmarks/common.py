@@ -90,9 +90,11 @@ def with_mode(base: RunOptions, spec: str) -> RunOptions:
     return replace(base, **parse_mode(spec, base.steps))
 
 
-def write_audio_clip(audio: str, frames: int, path) -> str:
-    """The first ``frames`` video frames' worth of ``audio`` as a 16 kHz mono wav at ``path``."""
-    wav = load_audio(audio)[: int(frames * SAMPLE_RATE / FPS)]
+def write_audio_clip(audio: str, frames: int, path, start_frame: int = 0) -> str:
+    """``frames`` video frames' worth of ``audio`` from video frame ``start_frame`` on (default:
+    the first) as a 16 kHz mono wav at ``path``."""
+    begin = int(start_frame * SAMPLE_RATE / FPS)
+    wav = load_audio(audio)[begin : begin + int(frames * SAMPLE_RATE / FPS)]
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(SAMPLE_RATE)
         w.writeframes((np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes())

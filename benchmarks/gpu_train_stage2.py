@@ -5,7 +5,8 @@ share of the GPU's bf16 peak.
 Random weights of the real architectures (no official checkpoints on the GPU machine: memory and
 time depend on shapes, not values): the U-Net of ``unet_stage2_512_config.json`` (motion modules
 and attention layers train, the rest frozen), the SD VAE (frozen; decoder with gradient
-checkpointing, as the reference), the official StableSyncNet (frozen), LPIPS-VGG and TREPA's
+checkpointing, as the reference), the official StableSyncNet (frozen; 256 px: the decoded
+512 px faces are resized to it for the sync loss, as the reference), LPIPS-VGG and TREPA's
 VideoMAE v2 ViT-g (frozen). One step is exactly ``lipsync train unet``'s step
 (:meth:`lipsync.train.loop.TrainLoop.train_step` with :class:`lipsync.train.unet.UNetObjective`):
 VAE-encode target/masked/reference frames, noise, U-Net (bf16 autocast, gradient
@@ -84,7 +85,6 @@ def build(args, device):
     vae.autoencoder.enable_gradient_checkpointing()
     syncnet_cfg = read_json_arg(args.syncnet_config, load_packaged_config(
         "syncnet_16_pixel_attn_config.json"))  # fmt: skip
-    syncnet_cfg = {**syncnet_cfg, "resolution": args.resolution}
     syncnet = StableSyncNet.from_config(syncnet_cfg).to(device, frozen).eval().requires_grad_(False)
     syncnet.set_gradient_checkpointing(True)
     models = LossModels(decode=vae.decode, syncnet=syncnet, pixel_space=True)
@@ -94,6 +94,7 @@ def build(args, device):
         "unet_trainable_parameters": sum(p.numel() for _, p in trainable),
         "vae_parameters": sum(p.numel() for p in vae.parameters()),
         "syncnet_parameters": sum(p.numel() for p in syncnet.parameters()),
+        "syncnet_resolution": syncnet.config.resolution,
     }
     if args.lpips:
         models.lpips = LpipsVgg().to(device, frozen).eval().requires_grad_(False)

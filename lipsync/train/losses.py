@@ -94,11 +94,27 @@ class SyncNetLike(Protocol):
     def __call__(self, image: torch.Tensor, mel: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
 
 
-def syncnet_input(frames: torch.Tensor, lower_half: bool = True) -> torch.Tensor:
-    """(b, f, 3, R, R) faces -> (b, 3·f, R/2, R) (lower half) or (b, 3·f, R, R)."""
+def syncnet_input(
+    frames: torch.Tensor, lower_half: bool = True, resolution: int | None = None
+) -> torch.Tensor:
+    """(b, f, 3, R, R) faces -> (b, 3·f, S/2, S) (lower half) or (b, 3·f, S, S), where S is
+    ``resolution`` (the SyncNet's input size; the faces are resized bicubically to it when it
+    differs from R, as the reference does for its 512 px stage 2 with the 256 px SyncNet) or R."""
     b, f, c, h, w = frames.shape
     x = frames.reshape(b, f * c, h, w)
+    if resolution is not None and (h, w) != (resolution, resolution):
+        x = F.interpolate(
+            frames.reshape(b * f, c, h, w), size=(resolution, resolution), mode="bicubic",
+            align_corners=False,
+        ).reshape(b, f * c, resolution, resolution)  # fmt: skip
+        h = resolution
     return x[:, :, h // 2 :, :] if lower_half else x
+
+
+def syncnet_resolution(syncnet: Any) -> int | None:
+    """The face size a SyncNet takes (``StableSyncNet.config.resolution``), None if it does not
+    say (then the decoded faces go in at the training resolution)."""
+    return getattr(getattr(syncnet, "config", None), "resolution", None)
 
 
 def sync_loss(vision: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
@@ -396,6 +412,8 @@ class LossModels:
     trepa: TrepaLoss | None = None
     sync_lower_half: bool = True
     pixel_space: bool = True
+    # the SyncNet's face size; None: its config's resolution (decoded faces are resized to it)
+    sync_resolution: int | None = None
 
 
 def total_loss(
@@ -439,8 +457,9 @@ def total_loss(
             pixels = models.decode(flat)  # (b*f, 3, R, R)
             pixels = pixels.reshape(b, f, *pixels.shape[1:]).float()
         if weights.sync:
-            if models.pixel_space:
-                image = syncnet_input(pixels, models.sync_lower_half)
+            if models.pixel_space:  # at the SyncNet's resolution (512 px training: 256)
+                size = models.sync_resolution or syncnet_resolution(models.syncnet)
+                image = syncnet_input(pixels, models.sync_lower_half, size)
             else:  # latents, as the reference's pixel_space_supervise: false branch
                 image = syncnet_input(x0.permute(0, 2, 1, 3, 4), models.sync_lower_half)
             vision, audio = models.syncnet(image.to(_dtype_of(models.syncnet)), mel)[:2]

@@ -26,6 +26,7 @@ from torch import nn
 from lipsync.data.synth.phones import PHONES, VISEMES
 from lipsync.own_checkpoints import load_tagged_state, read_tagged_config, save_tagged_module
 from lipsync.train.mouth import mouth_crops
+from lipsync.train.optim import optimise
 from lipsync.train.phone_ctc import to_units
 
 LIPREADER_FORMAT = "lipsync.lipreader/1"
@@ -135,21 +136,17 @@ def train_lipreader(
         model = LipReader(config)
     model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    losses = []
-    for step in range(steps):
+
+    def loss_of(step: int) -> torch.Tensor:
         faces, phones = sample(step)
         stacks = torch.cat([model.inputs(clip) for clip in faces])
         phones = phones.reshape(-1).to(dev)
         known = phones >= 0
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
             v, p = model(stacks[known])
-        loss = F.cross_entropy(v.float(), viseme_ids(phones[known])) + F.cross_entropy(
+        return F.cross_entropy(v.float(), viseme_ids(phones[known])) + F.cross_entropy(
             p.float(), phones[known]
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if deadline is not None and deadline():
-            break
+
+    losses = optimise(loss_of, opt, steps, deadline)
     return model.eval(), losses

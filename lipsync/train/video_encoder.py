@@ -36,6 +36,7 @@ from lipsync.own_checkpoints import load_tagged_state, read_tagged_config, save_
 from lipsync.train.config import VideoEncoderKind
 from lipsync.train.losses import TrepaLoss, VideoMaeEncoder
 from lipsync.train.mouth import MOUTH_SIZE, mouth_box, mouth_crops
+from lipsync.train.optim import optimise
 
 TINY_FORMAT = "lipsync.tiny_video_ae/1"
 
@@ -189,16 +190,12 @@ def train_video_autoencoder(
         model = TinyVideoAutoencoder(config)
     model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    for step in range(steps):
+
+    def loss_of(step: int) -> torch.Tensor:
         video = sample(step)
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
             target = model.clips(video)
-            loss = F.l1_loss(model.decoder(model.encoder(target)).float(), target.float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if deadline is not None and deadline():
-            break
+            return F.l1_loss(model.decoder(model.encoder(target)).float(), target.float())
+
+    losses = optimise(loss_of, opt, steps, deadline)
     return model.eval().requires_grad_(False), losses

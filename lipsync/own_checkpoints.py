@@ -548,6 +548,16 @@ def own_unet_info(path: str | os.PathLike) -> OwnUNetInfo:
     return OwnUNetInfo(json.loads(meta["config"]), resolution)
 
 
+def _verified_part(
+    folder: Path, key: str, what: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A bundle's manifest entry ``key`` and its weights, after checking every file's hash."""
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    part = manifest[key]
+    return part, _read_weights(folder, part["files"], what)
+
+
 def _read_json(file: Path) -> dict[str, Any]:
     try:
         return json.loads(file.read_text())
@@ -577,12 +587,8 @@ def load_own_unet(
     if not path.exists():
         raise CheckpointNotFoundError(f"U-Net checkpoint not found: {path}")
     if path.is_dir() and is_bundle(path):
-        manifest = read_manifest(path)
-        verify_files(path, manifest)
-        u = manifest["unet"]
-        return _unet_from_state(
-            u["config"], _read_weights(path, u["files"], "U-Net"), device, dtype, path
-        )
+        u, state = _verified_part(path, "unet", "U-Net")
+        return _unet_from_state(u["config"], state, device, dtype, path)
     if path.is_dir():
         config_file = path / "unet_config.json"
         files = sorted(p.name for p in path.glob("unet*.safetensors"))
@@ -619,10 +625,7 @@ def load_own_vae(
     if not path.exists():
         raise CheckpointNotFoundError(f"VAE checkpoint not found: {path}")
     if path.is_dir() and is_bundle(path):
-        manifest = read_manifest(path)
-        verify_files(path, manifest)
-        v = manifest["vae"]
-        state = _read_weights(path, v["files"], "VAE")
+        v, state = _verified_part(path, "vae", "VAE")
         return _vae_from_state(v["config"], state, device, dtype, path, v["scaling_factor"])
     file = path / "vae.safetensors" if path.is_dir() else path
     meta = read_safetensors_metadata(file)

@@ -29,9 +29,12 @@ site-packages and what a ``.pth`` file there adds; triton_bench.py writes one th
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
+import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 # What the GPU image lacks (its package list: /work/.library/device/KINDS.md). tritonclient 2.51
@@ -96,6 +99,28 @@ def download(dest: Path, python: str, packages: list[str]) -> None:
     )  # fmt: skip
 
 
+def slim_all(wheels: list[Path], drops: dict[str, Callable[[str], bool]]) -> None:
+    """:func:`slim` every wheel not slimmed before, dropping the members ``drops[prefix]`` names
+    in the wheels whose file name starts with ``prefix``."""
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as z:
+            if all(i.compress_type == zipfile.ZIP_LZMA for i in z.infolist()):
+                continue  # slimmed before
+        drop = next((d for prefix, d in drops.items() if wheel.name.startswith(prefix)), None)
+        saved = slim(wheel, drop) if drop else slim(wheel)
+        print(f"{wheel.name}: -{saved / 1e6:.1f} MB")
+
+
+def check_imports(wheels: list[Path], code: str) -> None:
+    """Install ``wheels`` into a temporary folder and run ``code`` with only them added to the
+    path: the slimmed wheels still import."""
+    with tempfile.TemporaryDirectory() as site:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                        "--target", site, *map(str, wheels)], check=True)  # fmt: skip
+        subprocess.run([sys.executable, "-c", code], check=True,
+                       env={**os.environ, "PYTHONPATH": site})  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dest", default=".whl_triton")
@@ -114,13 +139,7 @@ def main() -> None:
         "numpy-": lambda n: "/tests/" in n,
     }  # fmt: skip
     wheels = sorted([*dest.glob("*.whl"), *dest.glob("stub/*.whl")])
-    for wheel in wheels:
-        with zipfile.ZipFile(wheel) as z:
-            if all(i.compress_type == zipfile.ZIP_LZMA for i in z.infolist()):
-                continue  # slimmed before
-        drop = next((d for prefix, d in drops.items() if wheel.name.startswith(prefix)), None)
-        saved = slim(wheel, drop) if drop else slim(wheel)
-        print(f"{wheel.name}: -{saved / 1e6:.1f} MB")
+    slim_all(wheels, drops)
     total = sum(p.stat().st_size for p in wheels)
     print(f"{dest}: {len(wheels)} wheels, {total / 1e6:.1f} MB")
 

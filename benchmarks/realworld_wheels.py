@@ -23,16 +23,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from fetch_triton_wheels import download, slim  # noqa: E402
+from fetch_triton_wheels import check_imports, download, slim_all  # noqa: E402
 
 PACKAGES = ["av==18.1.0", "diffusers==0.42.1", "importlib_metadata==8.7.0"]
 DROPS = {"diffusers-": lambda name: name.startswith("diffusers/pipelines/")}
@@ -51,18 +48,8 @@ def main() -> None:
     args = ap.parse_args()
     download(args.dest, args.python, PACKAGES)
     wheels = sorted(args.dest.glob("*.whl"))
-    for wheel in wheels:
-        with zipfile.ZipFile(wheel) as z:
-            if all(i.compress_type == zipfile.ZIP_LZMA for i in z.infolist()):
-                continue  # slimmed before
-        drop = next((d for prefix, d in DROPS.items() if wheel.name.startswith(prefix)), None)
-        saved = slim(wheel, drop) if drop else slim(wheel)
-        print(f"{wheel.name}: -{saved / 1e6:.1f} MB")
-    with tempfile.TemporaryDirectory() as site:  # the slimmed wheels still import
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                        "--target", site, *map(str, wheels)], check=True)  # fmt: skip
-        subprocess.run([sys.executable, "-c", CHECK], check=True,
-                       env={**os.environ, "PYTHONPATH": site})  # fmt: skip
+    slim_all(wheels, DROPS)
+    check_imports(wheels, CHECK)
     args.media.mkdir(parents=True, exist_ok=True)
     for name in MEDIA:  # byte for byte: the face track in benchmarks/data/faces is keyed by it
         shutil.copyfile(common.shared_media() / name, args.media / name)

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fetch_triton_wheels import download, slim  # noqa: E402
+from fetch_triton_wheels import check_imports, download, slim_all  # noqa: E402
 
 # KINDS.md's package list for the GPU image has neither diffusers, importlib_metadata (which
 # diffusers imports), soundfile, nor cffi / pycparser (which soundfile loads libsndfile with).
@@ -52,19 +49,8 @@ def main() -> None:
     dest = Path(args.dest)
     download(dest, args.python, PACKAGES)
     wheels = sorted(dest.glob("*.whl"))
-    for wheel in wheels:
-        with zipfile.ZipFile(wheel) as z:
-            if all(i.compress_type == zipfile.ZIP_LZMA for i in z.infolist()):
-                continue  # slimmed before
-        drop = next((d for prefix, d in DROPS.items() if wheel.name.startswith(prefix)), None)
-        saved = slim(wheel, drop) if drop else slim(wheel)
-        print(f"{wheel.name}: -{saved / 1e6:.1f} MB")
-    with tempfile.TemporaryDirectory() as site:  # the slimmed diffusers still imports
-        diffusers = [str(w) for w in wheels if w.name.startswith("diffusers-")]
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                        "--target", site, *diffusers], check=True)  # fmt: skip
-        subprocess.run([sys.executable, "-c", CHECK], check=True,
-                       env={**os.environ, "PYTHONPATH": site})  # fmt: skip
+    slim_all(wheels, DROPS)
+    check_imports([w for w in wheels if w.name.startswith("diffusers-")], CHECK)
     total = sum(p.stat().st_size for p in wheels)
     print(f"{dest}: {len(wheels)} wheels, {total / 1e6:.1f} MB")
 

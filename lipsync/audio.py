@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -95,25 +96,16 @@ _MEL_BLOCK_FRAMES = 3000  # STFT computed in blocks of this many frames (bounded
 # loading
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode the first audio stream of ``path`` to mono float32 at ``sample_rate`` Hz.
-
-    Samples pass through 16-bit integers (as LatentSync's ffmpeg ``s16le`` pipe does) and are
-    returned scaled to [-1, 1). Raises :class:`AudioError` for an unreadable file, a file without
-    an audio stream, or one that decodes to no samples.
-    """
+def iter_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> Iterator[np.ndarray]:
+    """The first audio stream of ``path`` as int16 mono chunks at ``sample_rate`` Hz, streamed
+    (libswresample, as LatentSync's ffmpeg ``s16le`` pipe). Raises :class:`AudioError` for an
+    unreadable file or one without an audio stream."""
     import av  # lazy: only needed when decoding files
 
-    path = Path(path)
-    if not path.exists():
-        raise AudioError(f"audio file not found: {path}")
-    if not path.is_file():
-        raise AudioError(f"not an audio file: {path}")
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise AudioError(f"cannot read audio from {path}: {one_line(exc)}") from None
-    chunks: list[np.ndarray] = []
     try:
         with container:
             if not container.streams.audio:
@@ -122,11 +114,26 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
             resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
+                    yield out.to_ndarray().reshape(-1)
             for out in resampler.resample(None):  # flush the resampler's delay line
-                chunks.append(out.to_ndarray().reshape(-1))
+                yield out.to_ndarray().reshape(-1)
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise AudioError(f"cannot decode audio from {path}: {one_line(exc)}") from None
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode the first audio stream of ``path`` to mono float32 at ``sample_rate`` Hz.
+
+    Samples pass through 16-bit integers (as LatentSync's ffmpeg ``s16le`` pipe does) and are
+    returned scaled to [-1, 1). Raises :class:`AudioError` for an unreadable file, a file without
+    an audio stream, or one that decodes to no samples.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"audio file not found: {path}")
+    if not path.is_file():
+        raise AudioError(f"not an audio file: {path}")
+    chunks = list(iter_audio(path, sample_rate))
     if not chunks or sum(c.size for c in chunks) == 0:
         raise AudioError(f"audio stream in {path} is empty")
     return np.concatenate(chunks).astype(np.float32) / np.float32(32768.0)

@@ -38,6 +38,7 @@ from lipsync.data.cli import data_app
 from lipsync.errors import ConfigError, LipSyncError, check_choice
 from lipsync.eval.cli import eval_app
 from lipsync.export.cli import export_app
+from lipsync.progress import stderr_bars
 from lipsync.serving.cli import serve_app
 from lipsync.train.cli import train_app
 
@@ -99,27 +100,8 @@ class RichProgress:
     """Per-stage progress bars (frames/s and ETA) on stderr; silent when not a terminal."""
 
     def __init__(self, enabled: bool = True):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TaskProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._bars = Progress(
-            TextColumn("{task.description:>10}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not enabled,
-            transient=False,
+        self._bars = stderr_bars(
+            "rate", label_width=10, percent=True, enabled=enabled, console=console
         )
         self._tasks: dict[str, int] = {}
         self._started = False

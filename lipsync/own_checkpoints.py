@@ -548,6 +548,16 @@ def own_unet_info(path: str | os.PathLike) -> OwnUNetInfo:
     return OwnUNetInfo(json.loads(meta["config"]), resolution)
 
 
+def _verified_part(
+    folder: Path, key: str, what: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A bundle's manifest entry ``key`` and its weights, after checking every file's hash."""
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    part = manifest[key]
+    return part, _read_weights(folder, part["files"], what)
+
+
 def _read_json(file: Path) -> dict[str, Any]:
     try:
         return json.loads(file.read_text())
@@ -577,12 +587,8 @@ def load_own_unet(
     if not path.exists():
         raise CheckpointNotFoundError(f"U-Net checkpoint not found: {path}")
     if path.is_dir() and is_bundle(path):
-        manifest = read_manifest(path)
-        verify_files(path, manifest)
-        u = manifest["unet"]
-        return _unet_from_state(
-            u["config"], _read_weights(path, u["files"], "U-Net"), device, dtype, path
-        )
+        u, state = _verified_part(path, "unet", "U-Net")
+        return _unet_from_state(u["config"], state, device, dtype, path)
     if path.is_dir():
         config_file = path / "unet_config.json"
         files = sorted(p.name for p in path.glob("unet*.safetensors"))
@@ -619,10 +625,7 @@ def load_own_vae(
     if not path.exists():
         raise CheckpointNotFoundError(f"VAE checkpoint not found: {path}")
     if path.is_dir() and is_bundle(path):
-        manifest = read_manifest(path)
-        verify_files(path, manifest)
-        v = manifest["vae"]
-        state = _read_weights(path, v["files"], "VAE")
+        v, state = _verified_part(path, "vae", "VAE")
         return _vae_from_state(v["config"], state, device, dtype, path, v["scaling_factor"])
     file = path / "vae.safetensors" if path.is_dir() else path
     meta = read_safetensors_metadata(file)
@@ -639,3 +642,51 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_jsonable(v) for v in obj]
     return obj
+
+
+# --------------------------------------------------------------------------- small tagged models
+
+
+def save_tagged_module(
+    module: torch.nn.Module,
+    path: str | os.PathLike,
+    fmt: str,
+    config: Mapping[str, Any],
+    **extra: str,
+) -> None:
+    """Write a small model of ours (lip reader, phone head, video encoder) as one safetensors
+    file whose metadata holds ``format`` = ``fmt``, its JSON ``config`` and ``extra``; weights as
+    they are, on the CPU; atomically (``<path>.part`` + rename). Read back with
+    :func:`read_tagged_config` and :func:`load_tagged_state`."""
+    from safetensors.torch import save_file
+
+    meta = {"format": fmt, "config": json.dumps(dict(config)), **extra}
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = f"{path}.part"
+    save_file(state, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_tagged_config(path: str | os.PathLike, fmt: str, what: str) -> dict[str, Any]:
+    """The config stored in a :func:`save_tagged_module` file of format ``fmt``; a missing file
+    or another format is a :class:`~lipsync.errors.CheckpointError` naming ``what`` it should
+    be."""
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{what} not found: {path}")
+    meta = read_safetensors_metadata(path)
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{path} is not a {what} file (format {meta.get('format')!r})")
+    return json.loads(meta["config"])
+
+
+def load_tagged_state(
+    module: torch.nn.Module, path: str | os.PathLike, what: str
+) -> torch.nn.Module:
+    """Strictly load the weights of a :func:`save_tagged_module` file into ``module`` (built
+    from its :func:`read_tagged_config`); returns ``module``."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    check_state_dict({k: v.shape for k, v in module.state_dict().items()}, state, what, path)
+    module.load_state_dict(state, strict=True)
+    return module

@@ -4,12 +4,25 @@ The pipeline reports three stages, in order: ``faces`` (pass 1, frames tracked),
 (pass 2, frames synthesised and handed to the encoder) and ``encoding`` (frames the encoder has
 finished, counted from the end of pass 2: the first update holds those it finished meanwhile).
 A front door shows them its own way: the CLI draws a bar per stage, the web UI and the job
-service one overall fraction (:func:`weighted_fraction`).
+service one overall fraction (:func:`weighted_fraction`). :func:`stderr_bars` is the one layout
+of rich progress bars that the CLI and the data and training tools draw.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+from rich import progress as rich_progress
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 # Share of one overall progress bar per stage (pass 2 is where the time goes).
 STAGE_WEIGHTS = {"faces": 0.1, "denoising": 0.85, "encoding": 0.05}
@@ -70,3 +83,24 @@ class StageProgress(Progress):
 
     def changed(self, stage: str) -> None:  # noqa: B027 - optional hook
         """Called after each update of ``stage``."""
+
+
+def stderr_bars(
+    field: str,
+    *,
+    label_width: int | None = None,
+    percent: bool = False,
+    enabled: bool = True,
+    console: Console | None = None,
+) -> rich_progress.Progress:
+    """Rich progress bars: the task's description (right-aligned in ``label_width``), the bar,
+    done/total, the percentage (``percent``), the task's ``field`` text, elapsed time and time
+    left; on stderr unless ``console`` is given, drawn only when ``enabled``."""
+    label = f"{{task.description:>{label_width}}}" if label_width else "{task.description}"
+    columns: list[ProgressColumn] = [TextColumn(label), BarColumn(), MofNCompleteColumn()]
+    if percent:
+        columns.append(TaskProgressColumn())
+    columns += [TextColumn(f"{{task.fields[{field}]}}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    return rich_progress.Progress(
+        *columns, console=console or Console(stderr=True), disable=not enabled
+    )

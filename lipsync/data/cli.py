@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from lipsync.progress import stderr_bars
+
 data_app = typer.Typer(
     no_args_is_help=True,
     help="Make training data: a synthetic corpus, or process real footage.",
@@ -47,14 +49,6 @@ def synth(
     import json
 
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from rich.table import Table
 
     from lipsync.data.synth.corpus import SynthOptions, run_synth
@@ -77,15 +71,7 @@ def synth(
         base=tuple(bases), workers=workers, min_words=min_words, max_words=max_words,
         max_source_seconds=max_source_seconds,
     )  # fmt: skip
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
+    progress = stderr_bars("rate", console=console)
     state = {"task": None, "frames": 0, "t0": 0.0}
 
     def on_start(total: int, done: int) -> None:
@@ -140,26 +126,7 @@ class _ProcessBars:
     """Rich progress bars on stderr: inputs (steps 1-4) and segments (steps 5-7)."""
 
     def __init__(self, enabled: bool):
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bars = Progress(
-            TextColumn("{task.description:>9}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[note]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            disable=not enabled,
-        )
+        self.bars = stderr_bars("note", label_width=9, enabled=enabled)
         self.inputs = self.segments = None
         self.kept = self.dropped = 0
 

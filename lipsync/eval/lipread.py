@@ -15,20 +15,18 @@ of ``lipsync-phones/1`` for frame t. Trained with cross-entropy on frames with a
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lipsync.checkpoints import check_state_dict, read_safetensors_metadata
 from lipsync.data.synth.phones import PHONES, VISEMES
-from lipsync.errors import CheckpointError, CheckpointNotFoundError
+from lipsync.own_checkpoints import load_tagged_state, read_tagged_config, save_tagged_module
 from lipsync.train.mouth import mouth_crops
+from lipsync.train.optim import optimise
 from lipsync.train.phone_ctc import to_units
 
 LIPREADER_FORMAT = "lipsync.lipreader/1"
@@ -99,26 +97,12 @@ class LipReader(nn.Module):
         return torch.cat(vis), torch.cat(ph)
 
     def save(self, path: str | os.PathLike, **extra: str) -> None:
-        meta = {"format": LIPREADER_FORMAT, "config": json.dumps(asdict(self.config)), **extra}
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = f"{path}.part"
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
+        save_tagged_module(self, path, LIPREADER_FORMAT, asdict(self.config), **extra)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> LipReader:
-        if not os.path.isfile(path):
-            raise CheckpointNotFoundError(f"lip reader not found: {path}")
-        meta = read_safetensors_metadata(path)
-        if meta.get("format") != LIPREADER_FORMAT:
-            raise CheckpointError(f"{path} is not a lip reader (format {meta.get('format')!r})")
-        model = cls(LipReaderConfig(**json.loads(meta["config"])))
-        state = load_file(str(path))
-        check_state_dict(
-            {k: v.shape for k, v in model.state_dict().items()}, state, "lip reader", path
-        )
-        model.load_state_dict(state, strict=True)
-        return model.eval()
+        config = read_tagged_config(path, LIPREADER_FORMAT, "lip reader")
+        return load_tagged_state(cls(LipReaderConfig(**config)), path, "lip reader").eval()
 
 
 def viseme_ids(phones: torch.Tensor) -> torch.Tensor:
@@ -152,21 +136,17 @@ def train_lipreader(
         model = LipReader(config)
     model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    losses = []
-    for step in range(steps):
+
+    def loss_of(step: int) -> torch.Tensor:
         faces, phones = sample(step)
         stacks = torch.cat([model.inputs(clip) for clip in faces])
         phones = phones.reshape(-1).to(dev)
         known = phones >= 0
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
             v, p = model(stacks[known])
-        loss = F.cross_entropy(v.float(), viseme_ids(phones[known])) + F.cross_entropy(
+        return F.cross_entropy(v.float(), viseme_ids(phones[known])) + F.cross_entropy(
             p.float(), phones[known]
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if deadline is not None and deadline():
-            break
+
+    losses = optimise(loss_of, opt, steps, deadline)
     return model.eval(), losses

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lipsync.train.checkpointing import CheckpointDir
+from lipsync.train.config import UNetTrainConfig, VaeTrainConfig
 from lipsync.train.distributed import DistContext
 from lipsync.train.metrics import MetricsLog, plot_metrics
 from lipsync.train.optim import lr_factor
@@ -96,6 +97,35 @@ class LoopSettings:
     save_optimizer: bool = True
     ema_decay: float | None = None  # None: no EMA
     chart_panels: list[tuple[str, list[str]]] = field(default_factory=list)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: UNetTrainConfig | VaeTrainConfig,
+        chart_panels: list[tuple[str, list[str]]],
+        ema_decay: float | None = None,
+    ) -> LoopSettings:
+        """The loop settings of a trainer config's train, optimizer, checkpoint and validation
+        sections."""
+        return cls(
+            max_steps=cfg.train.max_steps,
+            max_minutes=cfg.train.max_minutes,
+            grad_accumulation=cfg.train.grad_accumulation,
+            precision=cfg.train.precision,
+            max_grad_norm=cfg.optimizer.max_grad_norm,
+            log_every=cfg.train.log_every,
+            checkpoint_every=cfg.checkpoint.every,
+            keep=cfg.checkpoint.keep,
+            val_every=cfg.validation.every,
+            val_at_start=cfg.validation.at_start,
+            lr=cfg.optimizer.lr,
+            schedule=cfg.optimizer.schedule,
+            warmup_steps=cfg.optimizer.warmup_steps,
+            seed=cfg.train.seed,
+            save_optimizer=cfg.checkpoint.save_optimizer,
+            ema_decay=ema_decay,
+            chart_panels=chart_panels,
+        )
 
 
 class Ema:

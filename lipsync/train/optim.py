@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -34,3 +35,24 @@ def adamw(
     ]
     fused = all(p.is_cuda for p in model.parameters())
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def optimise(
+    loss_of: Callable[[int], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    deadline: Callable[[], bool] | None = None,
+) -> list[float]:
+    """Plain optimiser steps on ``loss_of(step)`` (a scalar) for the small judge models: after
+    ``steps`` steps, or the first step after which ``deadline()`` is true. Returns the loss of
+    every step taken."""
+    losses = []
+    for step in range(steps):
+        loss = loss_of(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if deadline is not None and deadline():
+            break
+    return losses

@@ -23,18 +23,16 @@ high-noise estimates count little) or not at all (``none``).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lipsync.checkpoints import check_state_dict, read_safetensors_metadata
 from lipsync.data.synth.phones import PHONE_TO_VISEME, PHONES, VISEMES
-from lipsync.errors import CheckpointError, CheckpointNotFoundError
+from lipsync.errors import CheckpointError
+from lipsync.own_checkpoints import load_tagged_state, read_tagged_config, save_tagged_module
 from lipsync.train.config import CtcUnits, TimestepWeighting
 from lipsync.train.mouth import MOUTH_SIZE, mouth_crops
 
@@ -110,37 +108,17 @@ class MouthCtcHead(nn.Module):
     # ---------------------------------------------------------------- files
 
     def save(self, path: str | os.PathLike) -> None:
-        meta = {
-            "format": HEAD_FORMAT,
-            "config": json.dumps(
-                {"classes": self.classes, "width": self.width, "units": self.units}
-            ),
-        }
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = f"{path}.part"
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
+        config = {"classes": self.classes, "width": self.width, "units": self.units}
+        save_tagged_module(self, path, HEAD_FORMAT, config)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, units: CtcUnits | None = None) -> MouthCtcHead:
         """Strictly load a head written by :meth:`save` (``units``: must match when given)."""
-        if not os.path.isfile(path):
-            raise CheckpointNotFoundError(f"phone head not found: {path}")
-        meta = read_safetensors_metadata(path)
-        if meta.get("format") != HEAD_FORMAT:
-            raise CheckpointError(
-                f"{path} is not a phone head file (format {meta.get('format')!r})"
-            )
-        config = json.loads(meta["config"])
+        config = read_tagged_config(path, HEAD_FORMAT, "phone head")
         if units is not None and config["units"] != units:
             raise CheckpointError(f"{path} reads {config['units']}s, the config asks for {units}s")
         model = cls(config["classes"], config["width"], config["units"])
-        state = load_file(str(path))
-        check_state_dict(
-            {k: v.shape for k, v in model.state_dict().items()}, state, "phone head", path
-        )
-        model.load_state_dict(state, strict=True)
-        return model
+        return load_tagged_state(model, path, "phone head")
 
 
 def ctc_loss_per_window(log_probs: torch.Tensor, units: torch.Tensor) -> torch.Tensor:

@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from lipsync.progress import stderr_bars
 
 
 class TrainProgress:
     """``with TrainProgress(total, start, enabled) as bar: bar.update(step, loss=…)``."""
 
     def __init__(self, total: int, start: int = 0, enabled: bool = True, what: str = "train"):
-        self._bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            disable=not enabled,
-        )
+        self._bar = stderr_bars("info", enabled=enabled)
         self._task = self._bar.add_task(what, total=total, completed=start, info="")
 
     def __enter__(self) -> TrainProgress:

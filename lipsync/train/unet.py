@@ -554,25 +554,8 @@ def _train(cfg, out, dist, show_progress, resume, resume_from):
     if cfg.validation.every:
         val_set = make_dataset(cfg, cfg.data.val_split, cfg.train.seed, frames, audio)
         validator = UNetValidator(cfg, objective, model, val_set, dist, out)
-    settings = LoopSettings(
-        max_steps=cfg.train.max_steps,
-        max_minutes=cfg.train.max_minutes,
-        grad_accumulation=cfg.train.grad_accumulation,
-        precision=cfg.train.precision,
-        max_grad_norm=cfg.optimizer.max_grad_norm,
-        log_every=cfg.train.log_every,
-        checkpoint_every=cfg.checkpoint.every,
-        keep=cfg.checkpoint.keep,
-        val_every=cfg.validation.every,
-        val_at_start=cfg.validation.at_start,
-        lr=cfg.optimizer.lr,
-        schedule=cfg.optimizer.schedule,
-        warmup_steps=cfg.optimizer.warmup_steps,
-        seed=cfg.train.seed,
-        save_optimizer=cfg.checkpoint.save_optimizer,
-        ema_decay=cfg.ema.decay if cfg.ema.enabled else None,
-        chart_panels=CHART_PANELS,
-    )
+    ema_decay = cfg.ema.decay if cfg.ema.enabled else None
+    settings = LoopSettings.from_config(cfg, CHART_PANELS, ema_decay)
 
     def export(step: int, state: dict[str, Any]) -> None:
         weights = dict(state["model"])  # full, on the CPU (gathered under FSDP)

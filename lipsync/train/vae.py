@@ -204,24 +204,7 @@ def _train(cfg: VaeTrainConfig, out: Path, dist: DistContext, show_progress: boo
         scale = 1.0 / max(last_val["latent_std"], 1e-6)
         export_vae(out, config, state["model"], scale, step, cfg.checkpoint.weights_dtype)
 
-    settings = LoopSettings(
-        max_steps=cfg.train.max_steps,
-        max_minutes=cfg.train.max_minutes,
-        grad_accumulation=cfg.train.grad_accumulation,
-        precision=cfg.train.precision,
-        max_grad_norm=cfg.optimizer.max_grad_norm,
-        log_every=cfg.train.log_every,
-        checkpoint_every=cfg.checkpoint.every,
-        keep=cfg.checkpoint.keep,
-        val_every=cfg.validation.every,
-        val_at_start=cfg.validation.at_start,
-        lr=cfg.optimizer.lr,
-        schedule=cfg.optimizer.schedule,
-        warmup_steps=cfg.optimizer.warmup_steps,
-        seed=cfg.train.seed,
-        save_optimizer=cfg.checkpoint.save_optimizer,
-        chart_panels=CHART_PANELS,
-    )
+    settings = LoopSettings.from_config(cfg, CHART_PANELS)
     loop = TrainLoop(name="vae", model=wrapped, optimizer=optimizer, settings=settings,
                      dist=dist, out_dir=out, loss_fn=objective, batches=batches,
                      trainable=trainable, validate=validate, export=export,

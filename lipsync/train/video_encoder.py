@@ -22,7 +22,6 @@ that it can weight the cells over the lips. :class:`VideoEncoder` is that interf
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -30,14 +29,14 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lipsync.checkpoints import check_state_dict, read_safetensors_metadata
-from lipsync.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from lipsync.errors import CheckpointNotFoundError, ConfigError
+from lipsync.own_checkpoints import load_tagged_state, read_tagged_config, save_tagged_module
 from lipsync.train.config import VideoEncoderKind
 from lipsync.train.losses import TrepaLoss, VideoMaeEncoder
 from lipsync.train.mouth import MOUTH_SIZE, mouth_box, mouth_crops
+from lipsync.train.optim import optimise
 
 TINY_FORMAT = "lipsync.tiny_video_ae/1"
 
@@ -116,26 +115,13 @@ class TinyVideoAutoencoder(nn.Module):
         return F.adaptive_avg_pool2d(box, grid)[0, 0]
 
     def save(self, path: str | os.PathLike, **extra: str) -> None:
-        meta = {"format": TINY_FORMAT, "config": json.dumps(asdict(self.config)), **extra}
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = f"{path}.part"
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
+        save_tagged_module(self, path, TINY_FORMAT, asdict(self.config), **extra)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TinyVideoAutoencoder:
-        meta = read_safetensors_metadata(path)
-        if meta.get("format") != TINY_FORMAT:
-            raise CheckpointError(
-                f"{path} is not a tiny video encoder file (format {meta.get('format')!r})"
-            )
-        model = cls(TinyVideoConfig.from_dict(json.loads(meta["config"])))
-        state = load_file(str(path))
-        check_state_dict(
-            {k: v.shape for k, v in model.state_dict().items()}, state, "tiny video encoder", path
-        )
-        model.load_state_dict(state, strict=True)
-        return model
+        config = read_tagged_config(path, TINY_FORMAT, "tiny video encoder")
+        model = cls(TinyVideoConfig.from_dict(config))
+        return load_tagged_state(model, path, "tiny video encoder")
 
 
 class VideoMaeGrid(nn.Module):
@@ -204,16 +190,12 @@ def train_video_autoencoder(
         model = TinyVideoAutoencoder(config)
     model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    for step in range(steps):
+
+    def loss_of(step: int) -> torch.Tensor:
         video = sample(step)
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
             target = model.clips(video)
-            loss = F.l1_loss(model.decoder(model.encoder(target)).float(), target.float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if deadline is not None and deadline():
-            break
+            return F.l1_loss(model.decoder(model.encoder(target)).float(), target.float())
+
+    losses = optimise(loss_of, opt, steps, deadline)
     return model.eval().requires_grad_(False), losses

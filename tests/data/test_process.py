@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from lipsync.audio import load_audio
+from lipsync.audio import iter_audio, load_audio
 from lipsync.data.manifest import read_manifest
 from lipsync.data.process import ProcessOptions, SyncEstimate, process_corpus
 from lipsync.data.process.hyperiqa import HyperIQA
 from lipsync.data.process.quality import HeuristicScorer, HyperIQAScorer, QualityInput
-from lipsync.data.process.resample import iter_audio, read_wav
+from lipsync.data.process.resample import read_wav
 from lipsync.data.process.segments import split_scenes
 from lipsync.data.process.sync import shift_plan
 from lipsync.errors import CheckpointError, ConfigError, LipSyncError

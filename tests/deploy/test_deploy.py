@@ -222,48 +222,106 @@ _HPA_BEHAVIOR_RULES = {
     },
     "additionalProperties": False,
 }
-SCALED_OBJECT_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "keda.sh/v1alpha1"},
-        "kind": {"const": "ScaledObject"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["scaleTargetRef", "triggers", "minReplicaCount", "maxReplicaCount"],
-            "properties": {
-                "scaleTargetRef": {
-                    "type": "object",
-                    "required": ["name"],
-                    "properties": {
-                        "apiVersion": {"const": "apps/v1"},
-                        "kind": {"const": "Deployment"},
-                        "name": _STR,
-                    },
-                    "additionalProperties": False,
+
+
+def _crd_schema(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A closed schema of a custom resource: ``apiVersion`` and ``kind`` fixed, our metadata,
+    and the ``spec`` schema."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": api_version},
+            "kind": {"const": kind},
+            "metadata": _METADATA,
+            "spec": spec,
+        },
+        "additionalProperties": False,
+    }
+
+
+SCALED_OBJECT_SCHEMA = _crd_schema(
+    "keda.sh/v1alpha1",
+    "ScaledObject",
+    {
+        "type": "object",
+        "required": ["scaleTargetRef", "triggers", "minReplicaCount", "maxReplicaCount"],
+        "properties": {
+            "scaleTargetRef": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "apiVersion": {"const": "apps/v1"},
+                    "kind": {"const": "Deployment"},
+                    "name": _STR,
                 },
-                "pollingInterval": {"type": "integer", "minimum": 1},
-                "cooldownPeriod": _INT0,
-                "initialCooldownPeriod": _INT0,
-                "idleReplicaCount": _INT0,
-                "minReplicaCount": _INT0,
-                "maxReplicaCount": {"type": "integer", "minimum": 1},
-                "advanced": {
+                "additionalProperties": False,
+            },
+            "pollingInterval": {"type": "integer", "minimum": 1},
+            "cooldownPeriod": _INT0,
+            "initialCooldownPeriod": _INT0,
+            "idleReplicaCount": _INT0,
+            "minReplicaCount": _INT0,
+            "maxReplicaCount": {"type": "integer", "minimum": 1},
+            "advanced": {
+                "type": "object",
+                "properties": {
+                    "restoreToOriginalReplicaCount": {"type": "boolean"},
+                    "horizontalPodAutoscalerConfig": {
+                        "type": "object",
+                        "properties": {
+                            "name": _STR,
+                            "behavior": {
+                                "type": "object",
+                                "properties": {
+                                    "scaleUp": _HPA_BEHAVIOR_RULES,
+                                    "scaleDown": _HPA_BEHAVIOR_RULES,
+                                },
+                                "additionalProperties": False,
+                            },
+                        },
+                        "additionalProperties": False,
+                    },
+                },
+                "additionalProperties": False,
+            },
+            "triggers": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
                     "type": "object",
+                    "required": ["type", "metadata"],
                     "properties": {
-                        "restoreToOriginalReplicaCount": {"type": "boolean"},
-                        "horizontalPodAutoscalerConfig": {
+                        "type": {"const": "postgresql"},
+                        "name": _STR,
+                        "metricType": {"enum": ["AverageValue", "Value"]},
+                        # KEDA trigger metadata values are strings, numbers included.
+                        "metadata": {
                             "type": "object",
+                            "required": ["query", "targetQueryValue"],
+                            "properties": {
+                                "query": _STR,
+                                "targetQueryValue": {
+                                    "type": "string",
+                                    "pattern": r"^[0-9]+(\.[0-9]+)?$",
+                                },
+                                "activationTargetQueryValue": {
+                                    "type": "string",
+                                    "pattern": r"^[0-9]+(\.[0-9]+)?$",
+                                },
+                            },
+                            "additionalProperties": False,
+                        },
+                        "authenticationRef": {
+                            "type": "object",
+                            "required": ["name"],
                             "properties": {
                                 "name": _STR,
-                                "behavior": {
-                                    "type": "object",
-                                    "properties": {
-                                        "scaleUp": _HPA_BEHAVIOR_RULES,
-                                        "scaleDown": _HPA_BEHAVIOR_RULES,
-                                    },
-                                    "additionalProperties": False,
+                                "kind": {
+                                    "enum": [
+                                        "TriggerAuthentication",
+                                        "ClusterTriggerAuthentication",
+                                    ]
                                 },
                             },
                             "additionalProperties": False,
@@ -271,132 +329,74 @@ SCALED_OBJECT_SCHEMA = {
                     },
                     "additionalProperties": False,
                 },
-                "triggers": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "required": ["type", "metadata"],
-                        "properties": {
-                            "type": {"const": "postgresql"},
-                            "name": _STR,
-                            "metricType": {"enum": ["AverageValue", "Value"]},
-                            # KEDA trigger metadata values are strings, numbers included.
-                            "metadata": {
-                                "type": "object",
-                                "required": ["query", "targetQueryValue"],
-                                "properties": {
-                                    "query": _STR,
-                                    "targetQueryValue": {
-                                        "type": "string",
-                                        "pattern": r"^[0-9]+(\.[0-9]+)?$",
-                                    },
-                                    "activationTargetQueryValue": {
-                                        "type": "string",
-                                        "pattern": r"^[0-9]+(\.[0-9]+)?$",
-                                    },
-                                },
-                                "additionalProperties": False,
-                            },
-                            "authenticationRef": {
-                                "type": "object",
-                                "required": ["name"],
-                                "properties": {
-                                    "name": _STR,
-                                    "kind": {
-                                        "enum": [
-                                            "TriggerAuthentication",
-                                            "ClusterTriggerAuthentication",
-                                        ]
-                                    },
-                                },
-                                "additionalProperties": False,
-                            },
-                        },
-                        "additionalProperties": False,
-                    },
-                },
             },
-            "additionalProperties": False,
         },
+        "additionalProperties": False,
     },
-    "additionalProperties": False,
-}
-TRIGGER_AUTHENTICATION_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "keda.sh/v1alpha1"},
-        "kind": {"const": "TriggerAuthentication"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["secretTargetRef"],
-            "properties": {
-                "secretTargetRef": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "required": ["parameter", "name", "key"],
-                        # postgresql scaler auth parameters: connection string or password.
-                        "properties": {
-                            "parameter": {"enum": ["connection", "password"]},
-                            "name": _STR,
-                            "key": _STR,
-                        },
-                        "additionalProperties": False,
-                    },
-                }
-            },
-            "additionalProperties": False,
-        },
-    },
-    "additionalProperties": False,
-}
-SERVICE_MONITOR_SCHEMA = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "ServiceMonitor"},
-        "metadata": _METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["selector", "endpoints"],
-            "properties": {
-                "selector": {
+)
+TRIGGER_AUTHENTICATION_SCHEMA = _crd_schema(
+    "keda.sh/v1alpha1",
+    "TriggerAuthentication",
+    {
+        "type": "object",
+        "required": ["secretTargetRef"],
+        "properties": {
+            "secretTargetRef": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
                     "type": "object",
-                    "required": ["matchLabels"],
+                    "required": ["parameter", "name", "key"],
+                    # postgresql scaler auth parameters: connection string or password.
                     "properties": {
-                        "matchLabels": {
-                            "type": "object",
-                            "minProperties": 1,
-                            "additionalProperties": {"type": "string"},
-                        }
+                        "parameter": {"enum": ["connection", "password"]},
+                        "name": _STR,
+                        "key": _STR,
                     },
                     "additionalProperties": False,
                 },
-                "endpoints": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
+            }
+        },
+        "additionalProperties": False,
+    },
+)
+SERVICE_MONITOR_SCHEMA = _crd_schema(
+    "monitoring.coreos.com/v1",
+    "ServiceMonitor",
+    {
+        "type": "object",
+        "required": ["selector", "endpoints"],
+        "properties": {
+            "selector": {
+                "type": "object",
+                "required": ["matchLabels"],
+                "properties": {
+                    "matchLabels": {
                         "type": "object",
-                        "required": ["port"],
-                        "properties": {
-                            "port": _STR,
-                            "path": {"type": "string", "pattern": "^/"},
-                            "interval": {"type": "string", "pattern": r"^[0-9]+(s|m)$"},
-                        },
-                        "additionalProperties": False,
+                        "minProperties": 1,
+                        "additionalProperties": {"type": "string"},
+                    }
+                },
+                "additionalProperties": False,
+            },
+            "endpoints": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["port"],
+                    "properties": {
+                        "port": _STR,
+                        "path": {"type": "string", "pattern": "^/"},
+                        "interval": {"type": "string", "pattern": r"^[0-9]+(s|m)$"},
                     },
+                    "additionalProperties": False,
                 },
             },
-            "additionalProperties": False,
         },
+        "additionalProperties": False,
     },
-    "additionalProperties": False,
-}
+)
 CRD_SCHEMAS = {
     "ScaledObject": SCALED_OBJECT_SCHEMA,
     "TriggerAuthentication": TRIGGER_AUTHENTICATION_SCHEMA,

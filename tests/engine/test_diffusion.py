@@ -6,59 +6,39 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lipsync.config import get_preset
 from lipsync.diffusion import ChunkDenoiser, DenoiseOptions, initial_noise
 from lipsync.errors import ConfigError
 from lipsync.face.mask import make_mask
-from lipsync.loading import load_models
 from lipsync.models.scheduler import make_scheduler
+from tests.support.denoise import denoise
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    return load_models("tiny")
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    g = torch.Generator().manual_seed(7)
-    faces = torch.rand(4, 3, 128, 128, generator=g) * 2 - 1
-    audio = torch.randn(4, 50, 384, generator=g)
-    return faces, audio
-
-
-def run(bundle, faces, audio, seed=0, **opts):
-    mask = torch.from_numpy(make_mask(get_preset("tiny").resolution))
-    denoiser = ChunkDenoiser(bundle.unet, bundle.vae, mask, DenoiseOptions(**opts))
-    gen = torch.Generator().manual_seed(seed)
-    noise = initial_noise(faces.shape[0], 16, gen, torch.device("cpu"), torch.float32)
-    return denoiser(faces, audio, noise, generator=gen)
-
-
-def test_kept_region_is_the_input_exactly_and_shapes(bundle, inputs):
+def test_kept_region_is_the_input_exactly_and_shapes(bundle, mask, inputs):
     faces, audio = inputs
-    out = run(bundle, faces, audio, steps=3)
+    out = denoise(bundle, mask, faces, audio, steps=3)
     keep = torch.from_numpy(make_mask(128)).bool()
     assert out.shape == faces.shape
     assert torch.equal(out[:, :, keep], faces[:, :, keep])
     assert (out[:, :, ~keep] - faces[:, :, ~keep]).abs().mean() > 0.05
 
 
-def test_seed_makes_runs_repeatable(bundle, inputs):
+def test_seed_makes_runs_repeatable(bundle, mask, inputs):
     faces, audio = inputs
-    a = run(bundle, faces, audio, seed=1, steps=3)
-    b = run(bundle, faces, audio, seed=1, steps=3)
-    c = run(bundle, faces, audio, seed=2, steps=3)
+    a = denoise(bundle, mask, faces, audio, seed=1, steps=3)
+    b = denoise(bundle, mask, faces, audio, seed=1, steps=3)
+    c = denoise(bundle, mask, faces, audio, seed=2, steps=3)
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 1e-3
 
 
-def test_matches_an_independent_cfg_loop(bundle, inputs):
+def test_matches_an_independent_cfg_loop(bundle, mask, inputs):
     # The reference's loop written out plainly: separate unconditional / conditional U-Net
     # calls, posterior mean latents, DDIM, decode, paste back.
     faces, audio = inputs
     steps, g = 4, 1.5
-    out = run(bundle, faces, audio, seed=3, steps=steps, guidance=g, sample_posterior=False)
+    out = denoise(
+        bundle, mask, faces, audio, seed=3, steps=steps, guidance=g, sample_posterior=False
+    )
 
     unet, vae = bundle.unet, bundle.vae
     keep = torch.from_numpy(make_mask(128))[None, None]
@@ -90,19 +70,19 @@ def test_matches_an_independent_cfg_loop(bundle, inputs):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_guidance_one_uses_the_conditional_branch_only(bundle, inputs):
+def test_guidance_one_uses_the_conditional_branch_only(bundle, mask, inputs):
     faces, audio = inputs
-    a = run(bundle, faces, audio, steps=2, guidance=1.0)
-    b = run(bundle, faces, audio, steps=2, guidance=1.5)
+    a = denoise(bundle, mask, faces, audio, steps=2, guidance=1.0)
+    b = denoise(bundle, mask, faces, audio, steps=2, guidance=1.5)
     assert (a - b).abs().max() > 1e-4
 
 
-def test_bad_options_and_shapes(bundle, inputs):
+def test_bad_options_and_shapes(bundle, mask, inputs):
     faces, audio = inputs
     with pytest.raises(ConfigError):
-        run(bundle, faces, audio, steps=0)
+        denoise(bundle, mask, faces, audio, steps=0)
     with pytest.raises(ValueError, match="frame counts differ"):
-        run(bundle, faces, audio[:3], steps=1)
+        denoise(bundle, mask, faces, audio[:3], steps=1)
 
 
 def test_a_batch_of_chunks_equals_the_chunks_run_alone(bundle, inputs):

@@ -9,37 +9,11 @@ import torch
 
 from lipsync.diffusion import MODES, ChunkDenoiser, DenoiseOptions, initial_noise
 from lipsync.errors import ConfigError
-from lipsync.face.mask import make_mask
-from lipsync.loading import load_models
 from lipsync.models.unet import StepCache
 from lipsync.tools.bench import count_flops, make_unet_inputs
+from tests.support.denoise import denoise
 
-FRAMES = 4
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_models("tiny")
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    g = torch.Generator().manual_seed(7)
-    faces = torch.rand(FRAMES, 3, 128, 128, generator=g) * 2 - 1
-    audio = torch.randn(FRAMES, 50, 384, generator=g)
-    return faces, audio
-
-
-@pytest.fixture(scope="module")
-def mask():
-    return torch.from_numpy(make_mask(128))
-
-
-def denoise(bundle, mask, faces, audio, seed=0, **opts):
-    den = ChunkDenoiser(bundle.unet, bundle.vae, mask, DenoiseOptions(**opts))
-    gen = torch.Generator().manual_seed(seed)
-    noise = initial_noise(FRAMES, 16, gen, torch.device("cpu"), torch.float32)
-    return den(faces, audio, noise, generator=gen)
+FRAMES = 4  # frames of the ``inputs`` fixture (conftest.py)
 
 
 class UNetSpy:

@@ -26,7 +26,7 @@ from lipsync.train.phone_ctc import (
     unit_error_rate,
 )
 from lipsync.train.quality import build_quality_losses
-from lipsync.train.unet import build_unet, export_unet, train_unet
+from lipsync.train.unet import train_unet
 from lipsync.train.video_encoder import (
     TinyVideoAutoencoder,
     TinyVideoConfig,
@@ -34,7 +34,12 @@ from lipsync.train.video_encoder import (
     train_video_autoencoder,
 )
 from tests.support.quality_fixtures import CLOSED, OPEN, toy_faces
-from tests.support.train_fixtures import RES, TINY_UNET, unet_config_dict, write_tiny_syncnet
+from tests.support.train_fixtures import (
+    RES,
+    unet_config_dict,
+    write_stage1_unet,
+    write_tiny_syncnet,
+)
 
 TINY_MAE = {
     "embed_dim": 32,
@@ -187,10 +192,7 @@ def test_stage2_trains_with_the_three_options(tmp_path, monkeypatch):
     that train, and the exported U-Net carries the option in its config."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     stage1 = tmp_path / "stage1"
-    cfg1 = load_unet_config(unet_config_dict(stage1, stage=1))
-    model1, _ = build_unet(cfg1)
-    stage1.mkdir()
-    export_unet(stage1, dict(TINY_UNET, use_motion_module=False), model1.state_dict(), "fp32", 0)
+    write_stage1_unet(stage1)
     encoder = tmp_path / "enc.safetensors"
     TinyVideoAutoencoder(TinyVideoConfig(width=8, channels=16)).save(encoder)
     syncnet = write_tiny_syncnet(tmp_path / "syncnet.safetensors")

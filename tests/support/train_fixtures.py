@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lipsync.checkpoints import save_syncnet
 from lipsync.face.mask import make_mask
+from lipsync.models.syncnet import StableSyncNet
+from lipsync.train.config import load_unet_config
+from lipsync.train.unet import build_unet, export_unet
 
 RES = 64
 FRAMES = 4
@@ -44,23 +48,31 @@ TINY_VAE = {
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
+
+
+def tiny_syncnet_config(frames: int, audio_tail: list) -> dict:
+    """A SyncNet of ``frames`` 64 px faces, 6 small blocks per encoder; ``audio_tail``: the
+    audio encoder's last two downsample factors (they bring the mel to 1x1)."""
+    return {
+        "num_frames": frames,
+        "resolution": RES,
+        "audio_encoder": {
+            "in_channels": 1,
+            "block_out_channels": [32, 32, 32, 32, 64, 64],
+            "downsample_factors": [[2, 1], 2, 2, 2, *audio_tail],
+            "attn_blocks": [0, 0, 0, 0, 0, 0],
+        },
+        "visual_encoder": {
+            "in_channels": 3 * frames,
+            "block_out_channels": [32, 32, 32, 32, 64, 64],
+            "downsample_factors": [[1, 2], 2, 2, 2, 2, 2],
+            "attn_blocks": [0, 0, 0, 0, 0, 0],
+        },
+    }
+
+
 # 4 frames of 64 px faces: image (12, 32, 64) -> 1x1, mel (1, 80, 13) -> 1x1
-TINY_SYNCNET = {
-    "num_frames": FRAMES,
-    "resolution": RES,
-    "audio_encoder": {
-        "in_channels": 1,
-        "block_out_channels": [32, 32, 32, 32, 64, 64],
-        "downsample_factors": [[2, 1], 2, 2, 2, [5, 1], [1, 1]],
-        "attn_blocks": [0, 0, 0, 0, 0, 0],
-    },
-    "visual_encoder": {
-        "in_channels": 3 * FRAMES,
-        "block_out_channels": [32, 32, 32, 32, 64, 64],
-        "downsample_factors": [[1, 2], 2, 2, 2, 2, 2],
-        "attn_blocks": [0, 0, 0, 0, 0, 0],
-    },
-}
+TINY_SYNCNET = tiny_syncnet_config(FRAMES, [[5, 1], [1, 1]])
 
 
 def _rng(*key) -> np.random.Generator:
@@ -68,10 +80,14 @@ def _rng(*key) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def _smooth_curve(rng: np.random.Generator, frames: int) -> np.ndarray:
+    """(frames,) values in [0, 1]: random knots every 3 frames, linearly interpolated."""
+    knots = rng.uniform(0, 1, frames // 3 + 2)
+    return np.interp(np.arange(frames) / 3.0, np.arange(len(knots)), knots)
+
+
 def _loudness(segment: int) -> np.ndarray:
-    rng = _rng("loud", segment)
-    knots = rng.uniform(0, 1, SEGMENT_FRAMES // 3 + 2)
-    return np.interp(np.arange(SEGMENT_FRAMES) / 3.0, np.arange(len(knots)), knots)
+    return _smooth_curve(_rng("loud", segment), SEGMENT_FRAMES)
 
 
 def _face(segment: int, loud: float) -> np.ndarray:
@@ -140,14 +156,23 @@ def toy_windows(cfg, split: str, seed: int) -> ToyWindows:
     return ToyWindows(split, seed, length=24 if split == "train" else 4)
 
 
-def write_tiny_syncnet(path: Path) -> Path:
-    from lipsync.checkpoints import save_syncnet
-    from lipsync.models.syncnet import StableSyncNet
-
-    torch.manual_seed(0)
-    model = StableSyncNet.from_config(TINY_SYNCNET)
-    save_syncnet(model, path, name="tiny test syncnet")
+def _write_syncnet(path: Path, config: dict, seed: int, name: str) -> Path:
+    torch.manual_seed(seed)
+    save_syncnet(StableSyncNet.from_config(config), path, name=name)
     return path
+
+
+def write_tiny_syncnet(path: Path) -> Path:
+    return _write_syncnet(path, TINY_SYNCNET, 0, "tiny test syncnet")
+
+
+def write_stage1_unet(folder: Path) -> torch.nn.Module:
+    """A random stage-1 U-Net of :func:`unet_config_dict`, exported into ``folder`` (created) as
+    one of our checkpoints (what stage-2 tests start from); returns the model."""
+    model, _ = build_unet(load_unet_config(unet_config_dict(folder, stage=1)))
+    folder.mkdir()
+    export_unet(folder, dict(TINY_UNET, use_motion_module=False), model.state_dict(), "fp32", 0)
+    return model
 
 
 def unet_config_dict(out: Path, stage: int = 1, **sections) -> dict:
@@ -180,31 +205,11 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 
 # 16 frames of 64 px faces (the demo recipe's window length at test size)
-TINY_SYNCNET_16 = {
-    "num_frames": 16,
-    "resolution": RES,
-    "audio_encoder": {
-        "in_channels": 1,
-        "block_out_channels": [32, 32, 32, 32, 64, 64],
-        "downsample_factors": [[2, 1], 2, 2, 2, [5, 2], [1, 2]],
-        "attn_blocks": [0, 0, 0, 0, 0, 0],
-    },
-    "visual_encoder": {
-        "in_channels": 48,
-        "block_out_channels": [32, 32, 32, 32, 64, 64],
-        "downsample_factors": [[1, 2], 2, 2, 2, 2, 2],
-        "attn_blocks": [0, 0, 0, 0, 0, 0],
-    },
-}
+TINY_SYNCNET_16 = tiny_syncnet_config(16, [[5, 2], [1, 2]])
 
 
 def write_tiny_syncnet_16(path: Path) -> Path:
-    from lipsync.checkpoints import save_syncnet
-    from lipsync.models.syncnet import StableSyncNet
-
-    torch.manual_seed(1)
-    save_syncnet(StableSyncNet.from_config(TINY_SYNCNET_16), path, name="tiny 16-frame syncnet")
-    return path
+    return _write_syncnet(path, TINY_SYNCNET_16, 1, "tiny 16-frame syncnet")
 
 
 def make_processed_corpus(root: Path, splits=(("train", 4), ("val", 2)), frames: int = 56) -> Path:
@@ -220,9 +225,7 @@ def make_processed_corpus(root: Path, splits=(("train", 4), ("val", 2)), frames:
     n = 0
     for split, count in splits:
         for _ in range(count):
-            rng = _rng("corpus", n)
-            knots = rng.uniform(0, 1, frames // 3 + 2)
-            loud = np.interp(np.arange(frames) / 3.0, np.arange(len(knots)), knots)
+            loud = _smooth_curve(_rng("corpus", n), frames)
             video = np.stack([((_face(n, v).transpose(1, 2, 0) + 1) * 127.5).round()
                               for v in loud]).astype(np.uint8)  # fmt: skip
             t = np.arange(frames * 640) / 16000.0

@@ -33,14 +33,14 @@ from lipsync.pipeline import LipSyncPipeline, RunOptions
 from lipsync.train.checkpointing import CheckpointDir
 from lipsync.train.config import load_unet_config
 from lipsync.train.metrics import read_jsonl
-from lipsync.train.unet import build_unet, export_unet, train_unet
+from lipsync.train.unet import build_unet, train_unet
 from tests.support.shared import MEDIA, REPO, demo_source_frames
 from tests.support.train_fixtures import (
-    TINY_UNET,
     ToyWindows,
     make_processed_corpus,
     unet_config_dict,
     write_config,
+    write_stage1_unet,
     write_tiny_syncnet,
 )
 
@@ -189,10 +189,7 @@ def test_stage2_trains_only_the_listed_modules_with_the_sync_loss(tmp_path, monk
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # stage-1 weights (random here) saved as one of our checkpoints, then stage 2 from them
     stage1 = tmp_path / "stage1"
-    cfg1 = load_unet_config(unet_config_dict(stage1, stage=1))
-    model1, _ = build_unet(cfg1)
-    stage1.mkdir()
-    export_unet(stage1, dict(TINY_UNET, use_motion_module=False), model1.state_dict(), "fp32", 0)
+    model1 = write_stage1_unet(stage1)
     syncnet = write_tiny_syncnet(tmp_path / "syncnet.safetensors")
     out = tmp_path / "stage2"
     cfg = load_unet_config(unet_config_dict(

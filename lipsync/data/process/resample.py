@@ -4,8 +4,9 @@
   colour matrix honoured) -> H.264 (``intermediate_crf``, keyframe every 2 s so step 5 can seek
   to a segment), written with :class:`lipsync.media.VideoWriter` (atomic).
 * Audio: the first audio stream through libswresample to signed 16-bit mono 16 kHz -- exactly
-  what :func:`lipsync.audio.load_audio` does, but streamed (:func:`iter_audio`) so a long input
-  never sits in memory -- written losslessly as a 16-bit WAV. ``load_audio(wav)`` returns the
+  what :func:`lipsync.audio.load_audio` does, but streamed (:func:`lipsync.audio.iter_audio`,
+  which ``load_audio`` reads too) so a long input never sits in memory -- written losslessly as
+  a 16-bit WAV. ``load_audio(wav)`` returns the
   same samples ``load_audio(input)`` would (tested).
 
 Memory: a few video batches and one audio frame, whatever the input's length.
@@ -14,44 +15,18 @@ Memory: a few video batches and one audio frame, whatever the input's length.
 from __future__ import annotations
 
 import wave
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from lipsync.audio import iter_audio
 from lipsync.data.process.options import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from lipsync.data.process.store import atomic_path
-from lipsync.errors import AudioError, one_line
 from lipsync.media import VideoWriter, iter_frames
 
-__all__ = ["iter_audio", "read_wav", "resample_input"]
+__all__ = ["read_wav", "resample_input"]
 
 KEYFRAME_INTERVAL = 2 * FPS
-
-
-def iter_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> Iterator[np.ndarray]:
-    """The first audio stream of ``path`` as int16 mono chunks at ``sample_rate``: the same
-    resampler and settings as :func:`lipsync.audio.load_audio` (whose float samples are these
-    divided by 32768)."""
-    import av
-
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise AudioError(f"cannot read audio from {path}: {one_line(exc)}") from None
-    try:
-        with container:
-            if not container.streams.audio:
-                raise AudioError(f"no audio stream in {path}")
-            stream = container.streams.audio[0]
-            resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    yield out.to_ndarray().reshape(-1)
-            for out in resampler.resample(None):
-                yield out.to_ndarray().reshape(-1)
-    except av.error.FFmpegError as exc:
-        raise AudioError(f"cannot decode audio from {path}: {one_line(exc)}") from None
 
 
 def read_wav(path: str | Path, start: int = 0, stop: int | None = None) -> np.ndarray:

@@ -23,7 +23,6 @@ for a problem the caller can fix.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lipsync.own_checkpoints import file_sha256 as sha256  # noqa: E402
 
 REQUIRED = ("torch", "numpy", "safetensors", "rich", "matplotlib")
 CORPUS_REQUIRED = ("av",)  # decoding a processed corpus's videos (packs and toy data need none)
@@ -44,14 +45,6 @@ REPO = Path(__file__).resolve().parents[1]
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def split_file(path: Path, out: Path, stem: str) -> list[str]:

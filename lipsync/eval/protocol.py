@@ -1,7 +1,7 @@
 """The quality protocol (issue 16): every option against the baseline, 3 seeds each, one GPU call.
 
     python -m lipsync.eval.protocol run --pack .pack --teacher TEACHER --syncnet SYNCNET \\
-        --out $OUT                                        # one H200, about 8.5 minutes
+        --out $OUT                            # one host of 2 H200s, about 9 minutes
     python -m lipsync.eval.protocol run ... --smoke --device cpu      # CPU, tiny, seconds
     python -m lipsync.eval.protocol table $OUT/results.jsonl          # Markdown for QUALITY.md
 
@@ -13,7 +13,10 @@ test split (:mod:`lipsync.eval.protocol_jobs`, docs/QUALITY.md), mean ± std ove
 whether each difference to the baseline exceeds the seed spread
 (:mod:`lipsync.eval.protocol_report`).
 
-Phases (each job is a process; arms run in parallel on the one GPU):
+Phases (each job is a process; the jobs of a phase run in parallel, spread over the visible GPUs:
+each new job goes to the GPU running the fewest; ``gpus`` names them explicitly). On one H200 the
+12 arm jobs, the reference and the student ran out of its 141 GB at once (2026-11-29):
+use a host of two.
 
 1. prepare (this process): decode the pack, teacher features and latents, saved for the jobs;
 2. judges (``judge_seconds``): the lip reader, the phone head's starting point, the tiny video
@@ -110,15 +113,16 @@ class ProtocolConfig:
     eval_frames: int = 96
     eval_steps: int = 20
     eval_guidance: float = 1.5
-    eval_batch_chunks: int = 24
+    eval_batch_chunks: int = 8  # 24 (384 frames through the VAE at once) ran out of memory
     fast_steps: list[int] = field(default_factory=lambda: [4, 6, 8])
     bench_reps: int = 3
     # wall time of the whole call and its phases (seconds)
     total_seconds: float = 510.0
-    train_seconds: float = 220.0
+    train_seconds: float = 180.0
     bench_seconds: float = 60.0
     parallel: int = 0  # most jobs at once (0: all of a phase)
-    gpus: list[str] = field(default_factory=list)  # spread jobs over these (CUDA_VISIBLE_DEVICES)
+    # spread jobs over these (CUDA_VISIBLE_DEVICES values); empty: every visible GPU when several
+    gpus: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         unknown = [a for a in self.arms if a not in ARMS]
@@ -266,9 +270,24 @@ def _calibrate(runner: Runner, arm_names: list[str], phase_start: float) -> None
     runner.log(f"step budget: {steps} steps (slowest arm {slowest:.2f} s/step, {left:.0f} s left)")
 
 
+def visible_gpus(device: str | None) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES values of the GPUs this process sees, when it sees several and
+    runs on CUDA; else [] (every job on the default device)."""
+    import torch
+
+    if not (device or "cuda").startswith("cuda") or not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    listed = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    ids = listed[:count] if listed else [str(i) for i in range(count)]
+    return ids if len(ids) > 1 else []
+
+
 def run_protocol(cfg: ProtocolConfig, log=print) -> dict[str, Any]:
     """The whole protocol (module docstring); returns the summary written to ``out``."""
     cfg.validate()
+    if not cfg.gpus:
+        cfg.gpus = visible_gpus(cfg.device)
     start = time.time()
     end = start + cfg.total_seconds
     work = Path(cfg.work)

@@ -218,3 +218,12 @@ def test_jobs_spread_over_the_listed_gpus(tmp_path):
     runner.procs["j1"] = (Proc(False), None)  # a job on GPU 1 ended: 3 on "0", 1 on "1"
     assert runner.pick_gpu() == "1"
     assert Runner(ProtocolConfig(work=str(tmp_path / "w")), log=print).pick_gpu() is None
+
+
+def test_visible_gpus_without_cuda_is_empty(monkeypatch):
+    from lipsync.eval.protocol import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_gpus("cpu") == []
+    if not torch.cuda.is_available():
+        assert visible_gpus(None) == []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -111,15 +110,3 @@ def stats_ms(seconds: list[float]) -> dict:
         "p90": round(ms[min(len(ms) - 1, int(0.9 * len(ms)))], 2),
         "n": len(ms),
     }
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports (all bound at once, then released)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()

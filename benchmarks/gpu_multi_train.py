@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -67,6 +66,8 @@ REPO = Path(__file__).resolve().parents[1]
 for _p in (str(REPO), str(REPO / "benchmarks")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
+
+from lipsync.tools.procs import stop_process  # noqa: E402 (no torch: see NO_MULTICAST)
 
 # The demo recipe's VAE architecture (lipsync.train.demo_recipe.DEFAULTS["vae"]).
 DEMO_VAE = {"block_out_channels": [32, 64, 96, 96], "layers_per_block": 1, "norm_num_groups": 32,
@@ -266,12 +267,7 @@ def launch(args, name: str, n: int, argv: list[str], timeout: float) -> dict[str
             status = "ok" if rc == 0 else f"failed (exit {rc})"
         except subprocess.TimeoutExpired:
             status = f"stopped at its {timeout:.0f} s share of the budget"
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_process(proc, timeout=15, group=True)
     wall = time.time() - t0
     smi = sampler.stop() if sampler is not None else []
     return {"status": status, "wall_s": round(wall, 2), "started_unix": t0, "smi": smi,

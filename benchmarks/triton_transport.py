@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from lipsync.loading import dtype_name, resolve_device, resolve_dtype
 from lipsync.serving.triton.client import TritonEngine
 from lipsync.serving.triton.protocol import ChunkRequest
 from lipsync.serving.triton.server import ChunkHost, ServerOptions, load_bundle, serve
+from lipsync.tools.procs import free_ports, stop_process
 
 TOKEN = "lipsync-bench-token"
 T0 = time.monotonic()
@@ -114,7 +114,6 @@ def install_stub_pth(args) -> str | None:
     return str(pth)
 
 
-free_ports = common.free_ports
 stats_ms = common.stats_ms
 
 
@@ -221,13 +220,7 @@ class Server:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, timeout=40)
 
 
 # -- inputs -------------------------------------------------------------------------------------

@@ -347,11 +347,10 @@ def job_judge(cfg, job: Job) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     sample = _window_sampler(train, cfg.judge_batch, seed=job.seed + 101)
+    fit = {"lr": 1e-3, "device": device, "deadline": stop}  # every judge: until the deadline
+    extra: dict[str, Any] = {}
     if job.kind == "lipreader":
-        model, losses = train_lipreader(
-            sample, 10**9, lr=1e-3, seed=job.seed + 7, device=device, deadline=stop
-        )
-        model.save(judges / "lipreader.safetensors")
+        model, losses = train_lipreader(sample, 10**9, seed=job.seed + 7, **fit)
         # accuracy on the held-out ground truth: the ceiling of the generated mouths' scores
         segs, frames = eval_segments(test, cfg)
         hits = n_all = 0
@@ -364,34 +363,19 @@ def job_judge(cfg, job: Job) -> dict[str, Any]:
         extra = {"test_viseme_acc": hits / max(n_all, 1)}
     elif job.kind == "ctc_head":
         model, losses = train_ctc_head(
-            sample,
-            10**9,
-            units=cfg.ctc_units,
-            lr=1e-3,
-            seed=job.seed + 11,
-            device=device,
-            deadline=stop,
+            sample, 10**9, units=cfg.ctc_units, seed=job.seed + 11, **fit
         )
-        model.save(judges / "ctc_head.safetensors")
-        extra = {}
     elif job.kind == "video":
 
         def clips(step: int) -> torch.Tensor:
             return sample(step)[0]
 
         model, losses = train_video_autoencoder(
-            clips,
-            10**9,
-            TinyVideoConfig(),
-            lr=1e-3,
-            seed=job.seed + 13,
-            device=device,
-            deadline=stop,
+            clips, 10**9, TinyVideoConfig(), seed=job.seed + 13, **fit
         )
-        model.save(judges / "video.safetensors")
-        extra = {}
     else:
         raise ConfigError(f"unknown judge {job.kind!r}")
+    model.save(judges / f"{job.kind}.safetensors")  # lipreader, ctc_head, video
     return {
         "kind": "judge",
         "name": job.kind,

@@ -169,6 +169,13 @@ def _remove(path: str | None) -> None:
 _CLOSE = object()
 
 
+def mux_encoded(container: Any, stream: Any, frame: Any) -> None:
+    """Encode ``frame`` on ``stream`` (``None``: flush the encoder) and mux what comes out into
+    ``container`` (PyAV objects)."""
+    for packet in stream.encode(frame):
+        container.mux(packet)
+
+
 class VideoWriter:
     """Encode RGB frames (+ optional mono audio) to an H.264/AAC file, atomically.
 
@@ -482,8 +489,7 @@ class VideoWriter:
     def _encode_frame(self, frame, tb) -> None:
         frame.pts = self.frames_encoded
         frame.time_base = tb
-        for packet in self._vstream.encode(frame):
-            self._container.mux(packet)
+        mux_encoded(self._container, self._vstream, frame)
         self.frames_encoded += 1
         self._feed_audio(self._audio_target(self.frames_encoded))
 
@@ -514,8 +520,7 @@ class VideoWriter:
         frame.sample_rate = self.sample_rate
         frame.pts = self._audio_fed
         frame.time_base = Fraction(1, self.sample_rate)
-        for packet in self._astream.encode(frame):
-            self._container.mux(packet)
+        mux_encoded(self._container, self._astream, frame)
         self._audio_fed = upto
 
     def _finish(self) -> None:
@@ -523,12 +528,10 @@ class VideoWriter:
             if self.frames_written == 0:
                 return
             self._open()
-        for packet in self._vstream.encode(None):
-            self._container.mux(packet)
+        mux_encoded(self._container, self._vstream, None)
         if self._astream is not None:
             self._feed_audio(self._audio_target(self.frames_encoded))
-            for packet in self._astream.encode(None):
-                self._container.mux(packet)
+            mux_encoded(self._container, self._astream, None)
         container, self._container = self._container, None
         container.close()
         if isinstance(self.audio, SourceAudio):

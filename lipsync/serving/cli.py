@@ -5,9 +5,11 @@ Every flag has an environment variable (``LIPSYNC_<NAME>``, plus ``DATABASE_URL`
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -122,6 +124,17 @@ def openapi(
         typer.echo(f"wrote {out}", err=True)
 
 
+@contextlib.contextmanager
+def _keys_db(database_url: str | None) -> Iterator[Any]:
+    """A connection to the service's database, its schema migrated first (the keys commands)."""
+    from lipsync.serving import db
+
+    url = _settings(database_url=database_url).require_database()
+    db.migrate(url)
+    with db.connect(url) as conn:
+        yield conn
+
+
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option("--name", help="Who the key is for.")],
@@ -135,11 +148,9 @@ def keys_create(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Create a key; the secret is printed once and only its hash is stored."""
-    from lipsync.serving import auth, db
+    from lipsync.serving import auth
 
-    url = _settings(database_url=database_url).require_database()
-    db.migrate(url)
-    with db.connect(url) as conn:
+    with _keys_db(database_url) as conn:
         secret, key = auth.create_key(conn, name, concurrency, quota)
     if as_json:
         typer.echo(json.dumps({"key": secret, **key.as_dict()}))
@@ -157,11 +168,9 @@ def keys_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List keys (id, name, prefix, limits; never the secret)."""
-    from lipsync.serving import auth, db
+    from lipsync.serving import auth
 
-    url = _settings(database_url=database_url).require_database()
-    db.migrate(url)
-    with db.connect(url) as conn:
+    with _keys_db(database_url) as conn:
         keys = auth.list_keys(conn, include_revoked=revoked)
     if as_json:
         typer.echo(json.dumps([k.as_dict() for k in keys]))
@@ -181,11 +190,9 @@ def keys_revoke(
 ) -> None:
     """Revoke a key at once (its jobs are kept)."""
     from lipsync.errors import ConfigError
-    from lipsync.serving import auth, db
+    from lipsync.serving import auth
 
-    url = _settings(database_url=database_url).require_database()
-    db.migrate(url)
-    with db.connect(url) as conn:
+    with _keys_db(database_url) as conn:
         revoked = auth.revoke_key(conn, key)
     if not revoked:
         raise ConfigError(f"no active key matches {key!r}")

@@ -38,6 +38,7 @@ from lipsync.train.distributed import DistContext
 from lipsync.train.metrics import MetricsLog, plot_metrics
 from lipsync.train.optim import lr_factor
 from lipsync.train.progress import TrainProgress
+from lipsync.train.signals import StopSignals
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -157,29 +158,6 @@ class Ema:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-class _StopSignals:
-    """SIGTERM/SIGINT set a flag (the loop stops after the current step) instead of killing."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave the handlers alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 class TrainLoop:
@@ -354,7 +332,7 @@ class TrainLoop:
         if self.s.val_at_start and self.step == 0:
             self._validate()
         with (
-            _StopSignals() as signals,
+            StopSignals() as signals,
             TrainProgress(self.s.max_steps, self.step, self.show_progress, self.name) as bar,
         ):
             while self.step < self.s.max_steps and stopped == "max_steps":

@@ -156,6 +156,8 @@ def _encode_video(path: Path, frames: np.ndarray, crf: float) -> int:
 def _encode_opus(path: Path, wav: np.ndarray, kbps: int) -> int:
     import av
 
+    from lipsync.media import mux_encoded
+
     pcm = (np.clip(wav, -1, 1) * 32767).astype(np.int16)
     tmp = path.with_name(path.name + ".part")
     with av.open(str(tmp), "w", format="ogg") as container:
@@ -167,10 +169,8 @@ def _encode_opus(path: Path, wav: np.ndarray, kbps: int) -> int:
             )
             frame.sample_rate = SAMPLE_RATE
             frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+            mux_encoded(container, stream, frame)
+        mux_encoded(container, stream, None)
     os.replace(tmp, path)
     return path.stat().st_size
 

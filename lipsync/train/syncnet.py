@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from lipsync.train.distributed import DistContext
 from lipsync.train.metrics import MetricsLog, plot_metrics
 from lipsync.train.optim import Schedule, adamw, lr_factor
 from lipsync.train.progress import TrainProgress
+from lipsync.train.signals import StopSignals
 
 Precision = Literal["auto", "bf16", "fp32"]
 
@@ -174,31 +174,6 @@ def _model_config(ref: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------
-
-
-class _StopSignals:
-    """SIGTERM / SIGINT set a flag (the loop stops cleanly); a second Ctrl-C interrupts."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 def _autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
@@ -344,7 +319,7 @@ class SyncNetTrainer:
         val_metrics: PairMetrics | None = None
 
         with (
-            _StopSignals() as signals,
+            StopSignals(second_interrupt=True) as signals,
             TrainProgress(cfg.max_steps, step, self.show_progress, what="syncnet") as bar,
         ):
             if state is not None:
@@ -379,9 +354,9 @@ class SyncNetTrainer:
                         acc.zero_()
                         n_acc, t_log = 0, now
                         late = deadline is not None and now >= deadline
-                        if ctx.any(late or signals.requested is not None):
-                            stopped = signals.requested or "max_minutes"
-                            if ctx.distributed and signals.requested is None and not late:
+                        if ctx.any(late or signals.name is not None):
+                            stopped = signals.name or "max_minutes"
+                            if ctx.distributed and signals.name is None and not late:
                                 stopped = "stopped by another process"
                             done = True
                     if step % cfg.checkpoint_every == 0:

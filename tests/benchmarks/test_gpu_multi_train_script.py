@@ -5,19 +5,14 @@ on the CPU with gloo; docs/PERFORMANCE.md, "Several GPUs".)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 
 import pytest
 
-from tests.support.shared import REPO
+from tests.support.benchmark_scripts import load_benchmark
 
-spec = importlib.util.spec_from_file_location(
-    "gpu_multi_train", REPO / "benchmarks" / "gpu_multi_train.py"
-)
-mt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(mt)
+mt = load_benchmark("gpu_multi_train")
 
 
 def test_train_records_keep_one_train_record_per_step_and_skip_torn_lines(tmp_path):

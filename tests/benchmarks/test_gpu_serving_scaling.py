@@ -4,7 +4,6 @@ the real demo clip) with its JSON checked job by job."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,13 +12,10 @@ import threading
 
 import pytest
 
+from tests.support.benchmark_scripts import load_benchmark
 from tests.support.shared import MEDIA, REPO
 
-spec = importlib.util.spec_from_file_location(
-    "gpu_serving_scaling", REPO / "benchmarks" / "gpu_serving_scaling.py"
-)
-ss = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ss)
+ss = load_benchmark("gpu_serving_scaling")
 
 
 def test_four_claimers_on_one_queue_take_every_job_exactly_once(tmp_path):

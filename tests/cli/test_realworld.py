@@ -21,7 +21,7 @@ import pytest
 
 from lipsync.audio import load_audio
 from lipsync.errors import AudioError
-from lipsync.media import VideoWriter, validate_inputs
+from lipsync.media import VideoWriter, mux_encoded, validate_inputs
 from lipsync.media.partials import STALE_AFTER_S, host_tag, remove_stale_partials
 from tests.support.cli import lipsync_cli
 from tests.support.media_factory import make_audio, make_video, speechlike
@@ -219,10 +219,8 @@ def stereo_mp3(path: Path, seconds: float, rate: int = 44100) -> tuple[Path, np.
                 layout="stereo",
             )  # fmt: skip
             frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+            mux_encoded(out, stream, frame)
+        mux_encoded(out, stream, None)
     return path, planes
 
 

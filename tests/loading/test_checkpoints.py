@@ -57,14 +57,19 @@ def test_load_maps_to_requested_dtype_with_nothing_left_on_meta(dtype):
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_missing_key_is_named_with_counts(tmp_path, tiny_state):
-    state = dict(tiny_state)
-    del state["conv_in.weight"]
-    path = tmp_path / "missing.safetensors"
+def unet_load_error(tmp_path, state: dict) -> str:
+    """The CheckpointError message of ``state``, saved as a safetensors file, as the tiny U-Net."""
+    path = tmp_path / "state.safetensors"
     save_file(state, str(path))
     with pytest.raises(CheckpointError) as e:
         load_unet(path, TINY_CFG)
-    msg = str(e.value)
+    return str(e.value)
+
+
+def test_missing_key_is_named_with_counts(tmp_path, tiny_state):
+    state = dict(tiny_state)
+    del state["conv_in.weight"]
+    msg = unet_load_error(tmp_path, state)
     assert "1 missing keys (e.g. conv_in.weight)" in msg
     assert f"{len(state)} tensors in the file, {len(tiny_state)} in the model" in msg
 
@@ -73,11 +78,7 @@ def test_unexpected_and_misshaped_keys_are_named(tmp_path, tiny_state):
     state = dict(tiny_state)
     state["extra.weight"] = torch.zeros(3)
     state["conv_out.bias"] = torch.zeros(7)
-    path = tmp_path / "bad.safetensors"
-    save_file(state, str(path))
-    with pytest.raises(CheckpointError) as e:
-        load_unet(path, TINY_CFG)
-    msg = str(e.value)
+    msg = unet_load_error(tmp_path, state)
     assert "1 unexpected keys (e.g. extra.weight)" in msg
     assert "conv_out.bias: file [7] vs model [4]" in msg
 
@@ -89,10 +90,7 @@ def test_whisper_file_given_as_unet_says_so(reference):
 
 def test_stage2_config_with_a_checkpoint_without_motion_modules(tmp_path, tiny_state):
     state = {k: v for k, v in tiny_state.items() if ".motion_modules." not in k}
-    path = tmp_path / "stage1.safetensors"
-    save_file(state, str(path))
-    with pytest.raises(CheckpointError, match="no \\(or fewer\\) motion-module weights"):
-        load_unet(path, TINY_CFG)
+    assert "no (or fewer) motion-module weights" in unet_load_error(tmp_path, state)
 
 
 def test_unreadable_files(tmp_path):

@@ -27,6 +27,7 @@ from lipsync.audio import (
     syncnet_mel_window_length,
 )
 from lipsync.errors import AudioError, CheckpointError, CheckpointNotFoundError
+from lipsync.media import mux_encoded
 from tests.support.shared import SHARED
 
 WHISPER_CKPT = SHARED / "reference/whisper_tiny/encoder_random.pt"
@@ -303,10 +304,8 @@ def _write_wav(path: Path, data: np.ndarray, rate: int, layout: str) -> None:
             np.ascontiguousarray(data.T).reshape(1, -1), format="s16", layout=layout
         )
         frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+        mux_encoded(container, stream, frame)
+        mux_encoded(container, stream, None)
 
 
 def test_stereo_44k_is_resampled_to_16k_mono(tmp_path):
@@ -359,10 +358,8 @@ def test_video_without_audio_raises_audio_error(tmp_path):
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
         for _ in range(2):
             frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+            mux_encoded(container, stream, frame)
+        mux_encoded(container, stream, None)
     with pytest.raises(AudioError, match="no audio stream"):
         load_audio(path)
 

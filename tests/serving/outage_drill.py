@@ -27,11 +27,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: tests.support
 
+from lipsync.tools.procs import free_ports  # noqa: E402
 from tests.support.serving_stack import (  # noqa: E402
     Media,
     PostgresServer,
     Stack,
-    free_ports,
     postgres_bindir,
     submit,
 )

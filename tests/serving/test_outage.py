@@ -17,10 +17,10 @@ import time
 import httpx
 import pytest
 
+from lipsync.tools.procs import free_ports
 from tests.support.serving_stack import (
     PostgresServer,
     Stack,
-    free_ports,
     postgres_bindir,
     submit,
     wait_until,

@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from tests.support.media_factory import make_audio, make_video, speechlike
-from tests.support.serving_stack import free_ports
 from tests.support.shared import MEDIA
 
 pytest.importorskip("pytriton", reason="the serve extra is not installed")
@@ -48,6 +47,7 @@ from lipsync.serving.triton.server import (  # noqa: E402
     ServerOptions,
     start_server,
 )
+from lipsync.tools.procs import free_ports, stop_process  # noqa: E402
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -400,13 +400,8 @@ class TritonProcess:
             Path("/dev/shm", name).unlink(missing_ok=True)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, timeout=30)
 
 
 def _mapped_shm() -> set[str]:

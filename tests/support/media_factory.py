@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from lipsync.media.encode import x264_deterministic_params
+from lipsync.media.encode import mux_encoded, x264_deterministic_params
 
 DrawFn = Callable[[int, float], np.ndarray]  # (frame number, time in s) -> (H, W, 3) uint8
 
@@ -201,10 +201,8 @@ def make_video(
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
             frame.pts = p
             frame.time_base = tb
-            for packet in vs.encode(frame):
-                out.mux(packet)
-        for packet in vs.encode(None):
-            out.mux(packet)
+            mux_encoded(out, vs, frame)
+        mux_encoded(out, vs, None)
         if astream is not None and wav is not None:
             _encode_audio(out, astream, wav, sample_rate)
     return path
@@ -223,10 +221,8 @@ def _encode_audio(
         frame.sample_rate = rate
         frame.pts = s
         frame.time_base = Fraction(1, rate)
-        for packet in stream.encode(frame):
-            out.mux(packet)
-    for packet in stream.encode(None):
-        out.mux(packet)
+        mux_encoded(out, stream, frame)
+    mux_encoded(out, stream, None)
 
 
 def make_audio(
@@ -264,8 +260,8 @@ def make_audio(
             pic.width, pic.height, pic.pix_fmt = 32, 32, "yuvj420p"
             pic.disposition = av.stream.Disposition.attached_pic
             image = av.VideoFrame.from_ndarray(quadrants((32, 32)), format="rgb24")
-            for packet in [*pic.encode(image), *pic.encode(None)]:
-                out.mux(packet)
+            mux_encoded(out, pic, image)
+            mux_encoded(out, pic, None)
         _encode_audio(out, stream, wav, sample_rate, channels)
     return path
 

@@ -6,7 +6,6 @@ encoders would no longer end at 1×1: ConfigError). Tiny sizes: 128 px faces, a 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 import pytest
@@ -15,14 +14,10 @@ import torch.nn.functional as F
 
 from lipsync.models.syncnet import StableSyncNet
 from lipsync.train.losses import LossModels, LossWeights, sync_loss, syncnet_input, total_loss
-from tests.support.shared import REPO
+from tests.support.benchmark_scripts import load_benchmark
 from tests.support.train_fixtures import TINY_SYNCNET_16, TINY_UNET, TINY_VAE
 
-spec = importlib.util.spec_from_file_location(
-    "gpu_train_stage2", REPO / "benchmarks" / "gpu_train_stage2.py"
-)
-stage2 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(stage2)
+stage2 = load_benchmark("gpu_train_stage2")
 
 
 def test_syncnet_input_resizes_faces_to_the_syncnet_resolution():

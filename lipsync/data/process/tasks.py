@@ -20,8 +20,10 @@ import contextlib
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -197,8 +199,15 @@ def _step_segment(
 
 def run_input(job: InputJob, ctx: TaskContext) -> Outcome:
     """Steps 1-4 for one input (see the module docstring)."""
+    return _stamped(_run_input, job, ctx)
+
+
+def _stamped(
+    run: Callable[[Any, TaskContext, dict], Outcome], job: Any, ctx: TaskContext
+) -> Outcome:
+    """``run(job, ctx, timings)``, its outcome stamped with the step timings and this worker."""
     timings: dict = {}
-    out = _run_input(job, ctx, timings)
+    out = run(job, ctx, timings)
     out.timings, out.worker = timings, os.getpid()
     return out
 
@@ -473,10 +482,7 @@ def _sync_scorer(options: ProcessOptions) -> SyncScorer | None:
 def run_segment(job: SegmentJob, ctx: TaskContext) -> Outcome:
     """Steps 5-7 and the final files for one segment (``ctx.sync_scorer``, when set, replaces
     the SyncNet scorer of ``--syncnet``: tests drive step 6 with their own)."""
-    timings: dict = {}
-    out = _run_segment(job, ctx, timings)
-    out.timings, out.worker = timings, os.getpid()
-    return out
+    return _stamped(_run_segment, job, ctx)
 
 
 def _run_segment(job: SegmentJob, ctx: TaskContext, timings: dict) -> Outcome:

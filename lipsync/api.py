@@ -108,7 +108,9 @@ class LipSync:
             from lipsync.export.ort_engine import OrtEngine
 
             return cls(LipSyncPipeline(OrtEngine.from_options(options)))
-        return cls(LipSyncPipeline(load_models(options)))
+        models = load_models(options)
+        # a few-step student bundle runs at its own steps, guidance and scheduler by default
+        return cls(LipSyncPipeline(models), _options(RunOptions(), models.denoise_defaults))
 
     def run(
         self,

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -182,6 +182,24 @@ CacheBranch = Annotated[
 GuidanceSteps = Annotated[
     float | None, typer.Option(help="Share of the steps, from the first, with guidance (1: all).")
 ]
+# run: unset means the model's own settings (a few-step student bundle's), else the defaults
+RunSteps = Annotated[
+    int | None,
+    typer.Option("--steps", help=f"Denoising steps (default {DEFAULT_STEPS}, or a student's own)."),
+]
+RunGuidance = Annotated[
+    float | None,
+    typer.Option(
+        "--guidance",
+        help=f"Classifier-free guidance scale (default {DEFAULT_GUIDANCE}, or a student's own).",
+    ),
+]
+RunScheduler = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler", help="ddim (reference, default) or dpm++ (fewer steps); or a student's own."
+    ),
+]
 Frames = Annotated[int, typer.Option(help="Frames per chunk.")]
 FrameCacheMb = Annotated[
     int,
@@ -276,8 +294,8 @@ def run(
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output video (.mp4).")],
     preset: RunPreset = None,
-    steps: Steps = DEFAULT_STEPS,
-    guidance: Guidance = DEFAULT_GUIDANCE,
+    steps: RunSteps = None,
+    guidance: RunGuidance = None,
     seed: Annotated[
         int, typer.Option(help="Random seed (same seed, device, dtype: same output).")
     ] = DEFAULT_SEED,
@@ -304,7 +322,7 @@ def run(
     ] = None,
     compile: CompileOpt = "none",
     mode: ModeOpt = "exact",
-    scheduler: Scheduler = "ddim",
+    scheduler: RunScheduler = None,
     cache_interval: CacheInterval = None,
     cache_branch: CacheBranch = None,
     guidance_steps: GuidanceSteps = None,
@@ -332,12 +350,14 @@ def run(
     from lipsync.api import LipSync
     from lipsync.pipeline import RunOptions
 
+    given = {k: v for k, v in (("steps", steps), ("guidance", guidance), ("scheduler", scheduler))
+             if v is not None}  # fmt: skip
     options = RunOptions(
-        steps=steps, guidance=guidance, seed=seed, mask_path=str(mask) if mask else None,
+        seed=seed, mask_path=str(mask) if mask else None,
         force=force, crf=crf, min_face_size=min_face_size, detector=detector, loop_video=loop,
-        face_cache=str(face_cache) if face_cache else None, mode=mode, scheduler=scheduler,
+        face_cache=str(face_cache) if face_cache else None, mode=mode,
         cache_interval=cache_interval, cache_branch=cache_branch, guidance_steps=guidance_steps,
-        frame_cache_mb=frame_cache_mb,
+        frame_cache_mb=frame_cache_mb, **given,
     )  # fmt: skip
     options.validate()
     source = _run_source(
@@ -346,6 +366,9 @@ def run(
     )  # fmt: skip
     with console.status("loading the models") if not quiet else contextlib.nullcontext():
         ls = LipSync.from_options(source)
+    # what was not given follows the model (a student bundle's steps, guidance, scheduler)
+    model_own = ("steps", "guidance", "scheduler")
+    options = replace(options, **{k: getattr(ls.defaults, k) for k in model_own if k not in given})
     with RichProgress(enabled=not quiet and not as_json) as progress:
         report = ls.run(video, audio, output, progress=progress, **asdict(options))
     if as_json:

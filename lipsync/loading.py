@@ -60,6 +60,7 @@ from lipsync.models.whisper import random_whisper_encoder
 from lipsync.own_checkpoints import (
     MANIFEST,
     OwnUNetInfo,
+    bundle_denoise_defaults,
     load_bundle,
     load_own_unet,
     own_unet_info,
@@ -154,6 +155,9 @@ class ModelBundle:
     precompiled_only: bool = False
     notes: list[str] = field(default_factory=list)  # warnings of the loading, for reports
     fingerprint: str = ""  # the models' architecture (precompiled.model_fingerprint), as loaded
+    # denoising settings the U-Net's bundle asks for (a few-step student: its steps, guidance,
+    # scheduler; own_checkpoints.bundle_denoise_defaults); {} for every other model
+    denoise_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def random_weights(self) -> bool:
@@ -228,6 +232,7 @@ def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> Model
         audio = AudioEncoder(read_whisper_checkpoint(paths["whisper"]), device=device)
     seconds = time.perf_counter() - start
     bundle = ModelBundle(preset, unet, vae, audio, device, dtype, seconds, options)
+    bundle.denoise_defaults = _denoise_defaults(folder, options.unet)
     if device.type == "cpu" and dtype == torch.float16:
         bundle.notes.append(CPU_FP16_WARNING)
         log.warning(CPU_FP16_WARNING)
@@ -236,6 +241,15 @@ def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> Model
     bundle.fingerprint = precompiled.model_fingerprint(bundle.unet, bundle.vae)  # not compiled yet
     compile_models(bundle, _use_precompiled(bundle, options))
     return bundle
+
+
+def _denoise_defaults(folder: Path | None, unet: str | os.PathLike | None) -> dict[str, Any]:
+    """What the U-Net's bundle asks for: the ``--unet`` bundle folder's, else the preset's
+    bundle's; a single U-Net file asks for nothing."""
+    source = Path(unet) if unet is not None else folder
+    if source is None or not (source / MANIFEST).is_file():
+        return {}
+    return bundle_denoise_defaults(read_manifest(source))
 
 
 def _use_precompiled(bundle: ModelBundle, options: LoadOptions) -> CompileMode:

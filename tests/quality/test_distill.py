@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from lipsync.api import LipSync
 from lipsync.diffusion import ChunkDenoiser, DenoiseOptions
 from lipsync.face.mask import make_mask
 from lipsync.models.scheduler import make_scheduler
@@ -116,6 +117,12 @@ def test_recipe_distils_a_student_bundle_with_its_denoise_settings(tmp_path):
     defaults = bundle_denoise_defaults(student.manifest)
     assert defaults == {"steps": 2, "guidance": 1.0, "scheduler": "ddim"}
     assert student.manifest["training"]["student"]["teacher"] == {"steps": 4, "guidance": 1.5}
+    # loading it as the demo preset's bundle (or as --unet) makes these the run's defaults;
+    # the teacher's bundle asks for none
+    for folder, unet, want in ((out, None, (2, 1.0)), (round2, None, (20, 1.5)),
+                               (round2, out, (2, 1.0))):  # fmt: skip
+        ls = LipSync.from_pretrained("demo", device="cpu", bundle_dir=folder, unet=unet)
+        assert (ls.defaults.steps, ls.defaults.guidance, ls.defaults.scheduler) == (*want, "ddim")
     faces = torch.rand(16, 3, 64, 64) * 2 - 1
     denoiser = ChunkDenoiser(student.unet, student.vae, make_mask(64), DenoiseOptions(**defaults))
     result = denoiser(

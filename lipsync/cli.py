@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -366,11 +366,12 @@ def run(
     )  # fmt: skip
     with console.status("loading the models") if not quiet else contextlib.nullcontext():
         ls = LipSync.from_options(source)
-    # what was not given follows the model (a student bundle's steps, guidance, scheduler)
-    model_own = ("steps", "guidance", "scheduler")
-    options = replace(options, **{k: getattr(ls.defaults, k) for k in model_own if k not in given})
+    # what was not given, ls.run takes from the model's defaults (a student's steps, guidance,
+    # scheduler)
+    chosen = {k: v for k, v in asdict(options).items()
+              if k in given or k not in ("steps", "guidance", "scheduler")}  # fmt: skip
     with RichProgress(enabled=not quiet and not as_json) as progress:
-        report = ls.run(video, audio, output, progress=progress, **asdict(options))
+        report = ls.run(video, audio, output, progress=progress, **chosen)
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return

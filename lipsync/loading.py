@@ -201,14 +201,19 @@ def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> Model
     # everything that can be checked without weights, before the minutes of loading
     folder = require_bundle(preset, options.bundle_dir) if preset.bundle is not None else None
     unet_config = preset.unet_config
+    # denoising settings the U-Net's bundle asks for: the --unet bundle's, else the preset's
+    denoise_defaults: dict[str, Any] = {}
     if folder is not None:
         manifest = read_manifest(folder)
         preset = replace(
             preset, resolution=int(manifest["resolution"]), num_frames=int(manifest["num_frames"])
         )
         unet_config = manifest["unet"]["config"]
+        denoise_defaults = bundle_denoise_defaults(manifest)
     if options.unet is not None:
-        check_unet_fits(own_unet_info(options.unet), unet_config, preset, options.unet)
+        unet_info = own_unet_info(options.unet)
+        check_unet_fits(unet_info, unet_config, preset, options.unet)
+        denoise_defaults = unet_info.denoise
     start = time.perf_counter()
     own_unet = None if options.unet is None else load_own_unet(options.unet, device, dtype)
     if folder is not None:
@@ -232,7 +237,7 @@ def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> Model
         audio = AudioEncoder(read_whisper_checkpoint(paths["whisper"]), device=device)
     seconds = time.perf_counter() - start
     bundle = ModelBundle(preset, unet, vae, audio, device, dtype, seconds, options)
-    bundle.denoise_defaults = _denoise_defaults(folder, options.unet)
+    bundle.denoise_defaults = denoise_defaults
     if device.type == "cpu" and dtype == torch.float16:
         bundle.notes.append(CPU_FP16_WARNING)
         log.warning(CPU_FP16_WARNING)
@@ -241,15 +246,6 @@ def load_models(options: LoadOptions | str | Preset = "v1.6", **fields) -> Model
     bundle.fingerprint = precompiled.model_fingerprint(bundle.unet, bundle.vae)  # not compiled yet
     compile_models(bundle, _use_precompiled(bundle, options))
     return bundle
-
-
-def _denoise_defaults(folder: Path | None, unet: str | os.PathLike | None) -> dict[str, Any]:
-    """What the U-Net's bundle asks for: the ``--unet`` bundle folder's, else the preset's
-    bundle's; a single U-Net file asks for nothing."""
-    source = Path(unet) if unet is not None else folder
-    if source is None or not (source / MANIFEST).is_file():
-        return {}
-    return bundle_denoise_defaults(read_manifest(source))
 
 
 def _use_precompiled(bundle: ModelBundle, options: LoadOptions) -> CompileMode:

@@ -517,6 +517,7 @@ class OwnUNetInfo:
 
     config: dict[str, Any]  # the U-Net config it was built with
     resolution: int | None  # face size it was trained at, when recorded
+    denoise: dict[str, Any] = field(default_factory=dict)  # a bundle's bundle_denoise_defaults
 
 
 def own_unet_info(path: str | os.PathLike) -> OwnUNetInfo:
@@ -529,7 +530,11 @@ def own_unet_info(path: str | os.PathLike) -> OwnUNetInfo:
         raise CheckpointNotFoundError(f"U-Net checkpoint not found: {path}")
     if path.is_dir() and is_bundle(path):
         manifest = read_manifest(path)
-        return OwnUNetInfo(dict(manifest["unet"]["config"]), int(manifest["resolution"]))
+        return OwnUNetInfo(
+            dict(manifest["unet"]["config"]),
+            int(manifest["resolution"]),
+            bundle_denoise_defaults(manifest),
+        )
     if path.is_dir():
         config_file = path / "unet_config.json"
         if not config_file.is_file():
